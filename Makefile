@@ -1,0 +1,40 @@
+# physis - the two commands: `make demo` (set up + run the workflow on the embedded phantom,
+# ending with results/report.html) and `make test` (set up + the test suite; .ci/run calls it).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= all
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
+
+.PHONY: setup demo test test-fast bench lint clean
+
+# The virtual environment is rebuilt when the pins change.
+$(BIN)/physis: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/physis
+
+demo: setup
+	$(SNAKEMAKE) all
+	$(SNAKEMAKE) all --report results/report.html
+
+test: setup
+	$(BIN)/pytest -q
+
+# Unit tests only (no end-to-end workflow runs): the quick loop while developing.
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not cluster and not browser"
+
+bench: setup
+	$(BIN)/python -m physis.bench --out results/bench
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results/* resources/phantom .snakemake
+	touch results/.gitkeep

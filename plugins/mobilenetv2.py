@@ -1,0 +1,42 @@
+"""MobileNetV2 (Sandler et al. 2018). The thesis stretched 2:1 films to 224×224 squares and
+got 46.1%; physis's default letterboxes them instead (the fix). Configure a second model with
+``plugin: mobilenetv2`` and ``preset: stretch_224`` to reproduce the thesis's setup.
+"""
+
+from physis.keras_models import backbone_weights, binary_head, explain_gradcam, predict_classifier, scaled_input
+from physis.plugins import ModelSpec, Resources
+from physis.train import fit_classifier
+
+SPEC = ModelSpec(
+    kind="classifier",
+    framework="keras",
+    preset="letterbox_224",
+    channels=3,
+    params={
+        "epochs": 8,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "patience": 3,
+        "alpha": 1.0,  # width multiplier
+        "weights": "none",  # none | imagenet (needs internet) | path to a local notop weights file
+        "frozen_epochs": 2,
+        "finetune_lr_factor": 0.1,
+    },
+    resources=Resources(gpus=1, mem_mb=6000, runtime=120, cpus=4),
+    reference="Sandler et al., CVPR 2018; thesis Table 5.1, 46.1% accuracy (stretched 224×224 input)",
+)
+
+
+def build(cfg):
+    import keras
+
+    inputs, x = scaled_input(cfg, "tf")
+    base = keras.applications.MobileNetV2(include_top=False, weights=backbone_weights(cfg), input_tensor=x,
+                                          alpha=float(cfg.params["alpha"]))
+    features = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
+    return binary_head(inputs, features, "mobilenetv2")
+
+
+train = fit_classifier
+predict = predict_classifier
+explain = explain_gradcam

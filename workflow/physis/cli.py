@@ -1,0 +1,116 @@
+"""The ``physis`` command: list plugins, predict one film, write the phantom, convert.
+
+``physis plugins [--json]`` lists the registered model plugins like ``timm.list_models``;
+``physis predict FILE --model results/models/NAME [--json]`` prints a fracture probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _plugins(args) -> int:
+    from physis import config as physis_config
+    from physis import plugins
+    from physis.plugins import ModelConfig
+    from physis.train import count_params
+
+    cfg = physis_config.load(args.config)
+    presets = cfg["preprocess"]["presets"]
+    rows = []
+    for name, plugin in plugins.discover().items():
+        spec = plugin.spec
+        size = presets.get(spec.preset, {}).get("resize", {})
+        shape = (size.get("height"), size.get("width"), spec.channels)
+        row = {"name": name, "kind": spec.kind, "framework": spec.framework, "preset": spec.preset,
+               "input_shape": list(shape), "params": None, "reference": spec.reference, "source": plugin.source}
+        if not args.no_params and spec.framework != "service" and None not in shape:
+            model = plugin.hook("build")(ModelConfig(name, spec, shape, dict(spec.params)))
+            row["params"] = count_params(model)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'name':22s} {'kind':10s} {'framework':9s} {'input':14s} {'preset':20s} {'parameters':>12s}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        shape = "x".join(str(v) for v in row["input_shape"])
+        params = f"{row['params']:,}" if row["params"] else "-"
+        print(f"{row['name']:22s} {row['kind']:10s} {row['framework']:9s} {shape:14s} {row['preset']:20s} {params:>12s}")
+    return 0
+
+
+def _predict(args) -> int:
+    from physis.inference import predict_file
+
+    score = predict_file(args.image, args.model)
+    if args.json:
+        print(json.dumps({"image": str(args.image), "model": str(args.model), "fracture_probability": score}))
+    else:
+        print(f"{args.image}: fracture probability {score:.3f} ({Path(args.model).name})")
+    return 0
+
+
+def _phantom(args) -> int:
+    from physis import phantom
+
+    summary = phantom.generate(args.root, n_patients=args.patients, seed=args.seed,
+                               physeal_rate=args.physeal_rate, size_scale=args.size_scale)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _convert(args) -> int:
+    from physis import config as physis_config
+    from physis import logs
+    from physis.convert import convert
+
+    logs.setup()
+    cfg = physis_config.load(args.config)
+    convert(cfg, Path(cfg["results"]) / "data")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="physis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list the registered model plugins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-params", action="store_true", help="skip building each network to count parameters")
+    p.add_argument("--config", help="config file for the preset sizes (default: config/config.yaml)")
+    p.set_defaults(func=_plugins)
+
+    p = sub.add_parser("predict", help="fracture probability of one image or DICOM file")
+    p.add_argument("image", type=Path)
+    p.add_argument("--model", required=True, type=Path, help="a trained model folder: results/models/<name>")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("phantom", help="write the procedural phantom data set (GRAZPEDWRI-DX layout)")
+    p.add_argument("root", type=Path)
+    p.add_argument("--patients", type=int, default=240)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--physeal-rate", type=float, default=0.3)
+    p.add_argument("--size-scale", type=float, default=1.0)
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("convert", help="run the convert stage outside Snakemake")
+    p.add_argument("--config", help="config file (default: config/config.yaml)")
+    p.set_defaults(func=_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"physis: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

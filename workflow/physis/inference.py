@@ -1,0 +1,85 @@
+"""Using a trained model: the predict rule and ``physis predict <file>``.
+
+Both replay the preprocessing recipe saved with the model (``recipe.json``), so inference
+inputs are prepared exactly like the training inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from physis import plugins as registry
+from physis.plugins import ModelConfig, Plugin
+from physis.train import load_frames, load_model, predict_scores
+
+PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "sh_type", "age", "sex", "view"]
+
+
+def model_config(model_dir: str | Path) -> tuple[Plugin, ModelConfig]:
+    """Rebuild the plugin and ModelConfig a model folder was trained with."""
+    model_dir = Path(model_dir)
+    params = json.loads((model_dir / "params.json").read_text())
+    found = registry.discover()
+    if params["plugin"] not in found:
+        raise registry.PluginError(f"{model_dir}: trained with plugin {params['plugin']!r}, which is not installed")
+    plugin = found[params["plugin"]]
+    cfg = ModelConfig(name=params["model"], spec=plugin.spec, input_shape=tuple(params["input_shape"]),
+                      params=params["params"], seed=params["seed"], work_dir=model_dir)
+    return plugin, cfg
+
+
+def load_trained(model_dir: str | Path):
+    """(plugin, model, ModelConfig) of a finished model folder."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "train_summary.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a finished model folder (no train_summary.json)")
+    plugin, cfg = model_config(model_dir)
+    return plugin, load_model(plugin, cfg), cfg
+
+
+def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str | Path,
+                  splits: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
+    """Scores for the manifest's images of ``splits``: the prediction table of the evaluate stage."""
+    plugin, model, cfg = load_trained(model_dir)
+    preset_dir = Path(preset_dir)
+    frames = load_frames(manifest[manifest["split"].isin(splits)], preset_dir)
+    frame = pd.concat([frames[s] for s in splits if s in frames], ignore_index=True)
+    scores = predict_scores(plugin, model, cfg, frame, preset_dir)
+    out = frame.rename(columns={"label": "y_true"}).assign(score=scores)
+    return out[PREDICTION_COLUMNS]
+
+
+def predict_file(path: str | Path, model_dir: str | Path) -> float:
+    """Fracture probability of one image (PNG or DICOM), preprocessed with the model's recipe."""
+    from physis import preprocess
+
+    plugin, model, cfg = load_trained(model_dir)
+    recipe = json.loads((Path(model_dir) / "recipe.json").read_text())
+    pixels = _read_any(Path(path))
+    image, _, _ = preprocess.preprocess_array(pixels, recipe["params"])
+    batch = np.repeat(image[None, ..., None], cfg.spec.channels, axis=-1).astype("float32")
+    from physis.plugins import PredictData
+    import tensorflow as tf
+
+    frame = pd.DataFrame({"image_id": [Path(path).stem], "path": [str(path)]})
+    data = PredictData(images=tf.data.Dataset.from_tensor_slices(batch).batch(1), frame=frame,
+                       boxes=pd.DataFrame(columns=["image_id", "class", "x", "y", "w", "h"]),
+                       preset_dir=Path(model_dir))
+    return float(np.asarray(plugin.hook("predict")(model, data, cfg)).reshape(-1)[0])
+
+
+def _read_any(path: Path) -> np.ndarray:
+    """A 16-bit grey array from a PNG/JPEG or a DICOM file (same pixel pipeline as convert)."""
+    from physis.images import read_gray
+
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        return read_gray(path)
+    import pydicom
+
+    from physis.sources.dicom import grey_pixels
+
+    return grey_pixels(pydicom.dcmread(path), path.name)

@@ -1,0 +1,384 @@
+"""The train stage: everything a plugin should not have to write.
+
+:func:`train_model` resolves a configured model (plugin + preset + hyper-parameters), builds
+its data, and runs the plugin's ``train`` hook with checkpoints every epoch (a killed or
+timed-out job resumes where it stopped), early stopping on validation AUROC with the best
+weights kept, class weights or balanced sampling, seeding, multi-GPU and mixed precision.
+It writes ``results/models/{model}/``: the saved model, ``recipe.json`` (how inputs were
+prepared), ``params.json``, ``history.parquet``, TensorBoard logs and ``train_summary.json``
+(written last: its presence means the model is complete).
+
+Keras plugins call :func:`fit_classifier` from their ``train`` hook; plugins with a custom
+loop (Model Garden detectors) call :func:`run_epochs`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from physis import plugins as registry
+from physis.io import write_json, write_parquet
+from physis.plugins import ModelConfig, Plugin, TrainData
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_auroc"
+MODEL_FILES = {"keras": "model.keras", "tf_keras": "weights", "service": "service"}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve(name: str, config: dict, plugin_dir: str | Path | None = None) -> tuple[Plugin, ModelConfig]:
+    """Turn ``config["models"][name]`` into its plugin and a :class:`ModelConfig`."""
+    entry = config["models"][name]
+    found = registry.discover(plugin_dir)
+    plugin_name = entry.get("plugin") or name
+    if plugin_name not in found:
+        raise registry.PluginError(f"model {name!r}: no plugin named {plugin_name!r} (known: {', '.join(found)})")
+    plugin = found[plugin_name]
+    preset = entry.get("preset") or plugin.spec.preset
+    presets = config["preprocess"]["presets"]
+    if preset not in presets:
+        raise registry.PluginError(f"model {name!r}: preprocessing preset {preset!r} is not in preprocess.presets")
+    size = presets[preset]["resize"]
+    params = registry.resolve_params(plugin, entry.get("params"))
+    work_dir = Path(config["results"]) / "models" / name
+    cfg = ModelConfig(name=name, spec=plugin.spec, input_shape=(size["height"], size["width"], plugin.spec.channels),
+                      params=params, seed=config["train"]["seed"], work_dir=work_dir)
+    return plugin, cfg
+
+
+def resources(plugin: Plugin, entry: dict) -> dict[str, int]:
+    """The plugin's cluster hints overridden by the model's ``resources`` config."""
+    hints = plugin.spec.resources
+    defaults = {"gpus": hints.gpus, "mem_mb": hints.mem_mb, "runtime": hints.runtime, "cpus": hints.cpus}
+    return {**defaults, **(entry.get("resources") or {})}
+
+
+# --------------------------------------------------------------------------- runtime set-up
+
+
+def seed_everything(seed: int, threads: int | None = None) -> None:
+    """Seed Python, NumPy and TF, make TF ops deterministic, and cap TF's CPU threads."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+
+
+def distribution(framework: str):
+    """MirroredStrategy over every visible GPU when there are several; mixed precision on GPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    log.info("visible GPUs: %d (CUDA_VISIBLE_DEVICES=%s)", len(gpus), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if gpus and framework == "keras":
+        import keras
+
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_frames(manifest: pd.DataFrame, preset_dir: Path) -> dict[str, pd.DataFrame]:
+    """Manifest rows joined with the preset's index (preprocessed path), per split."""
+    index = pd.read_parquet(preset_dir / "index.parquet")[["image_id", "path"]]
+    joined = manifest.drop(columns=["path"]).merge(index, on="image_id", how="inner")
+    return {split: part.reset_index(drop=True) for split, part in joined.groupby("split")}
+
+
+def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train_cfg: dict) -> TrainData:
+    from physis import pipeline
+
+    frames = load_frames(manifest, preset_dir)
+    batch = int(cfg.params.get("batch_size", 8))
+    balance = "sampling" if train_cfg["class_balance"] == "sampling" else "none"
+    augment = train_cfg.get("augment")
+    train = pipeline.image_dataset(frames["train"], cfg.spec.channels, batch, training=True, seed=cfg.seed,
+                                   augment=augment, cache=train_cfg["cache"], balance=balance)
+    val = pipeline.image_dataset(frames["val"], cfg.spec.channels, batch, training=False, seed=cfg.seed,
+                                 cache=train_cfg["cache"])
+    weights = pipeline.class_weights(frames["train"]["label"]) if train_cfg["class_balance"] == "weights" else None
+    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    return TrainData(train=train, val=val, frames=frames, boxes=boxes, class_weight=weights, preset_dir=preset_dir)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _best_so_far(history_path: Path) -> float | None:
+    if not history_path.is_file():
+        return None
+    history = pd.read_parquet(history_path)
+    return float(history[MONITOR].max()) if MONITOR in history and len(history) else None
+
+
+def append_history(path: Path, epoch: int, logs: dict[str, float]) -> None:
+    """Add one epoch to ``history.parquet``, replacing a row of the same epoch (after a resume)."""
+    row = {"epoch": epoch, **{key: float(value) for key, value in logs.items()}}
+    history = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
+    if len(history):
+        history = history[history["epoch"] < epoch]
+    write_parquet(pd.concat([history, pd.DataFrame([row])], ignore_index=True), path)
+
+
+def callbacks(framework: str, work_dir: Path, patience: int, phase: str = "main") -> list:
+    """Checkpoint/resume, best-weights, early-stopping, history and TensorBoard callbacks.
+
+    ``framework`` picks Keras 3 (``keras``) or the Model Garden's ``tf_keras`` classes, which
+    do not mix. ``phase`` separates the resume state of the two-phase fine-tuning schedule.
+    """
+    if framework == "tf_keras":
+        import tf_keras as k
+        best = str(work_dir / "best_weights" / "ckpt")
+    else:
+        import keras as k
+        best = str(work_dir / "best.weights.h5")
+    history_path = work_dir / "history.parquet"
+
+    class History(k.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            append_history(history_path, epoch + 1, logs or {})
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()))
+
+    return [
+        k.callbacks.BackupAndRestore(str(work_dir / "checkpoints" / phase)),
+        k.callbacks.ModelCheckpoint(best, monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True,
+                                    initial_value_threshold=_best_so_far(history_path)),
+        k.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience),
+        k.callbacks.TensorBoard(str(work_dir / "tensorboard"), write_graph=False, profile_batch=0),
+        History(),
+    ]
+
+
+def restore_best(model, framework: str, work_dir: Path) -> bool:
+    """Load the best validation-AUROC weights saved during training, when there are any."""
+    path = work_dir / ("best_weights/ckpt.index" if framework == "tf_keras" else "best.weights.h5")
+    if not path.exists():
+        return False
+    model.load_weights(str(path).removesuffix(".index"))
+    return True
+
+
+# --------------------------------------------------------------------------- helpers for plugins
+
+
+def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
+    """Compile and fit a binary classifier (weighted BCE, AUROC/accuracy metrics).
+
+    Usable directly as a plugin's ``train`` hook. With pretrained ``weights`` it follows the
+    thesis's two phases: ``frozen_epochs`` with the backbone frozen (every layer not named
+    ``head_*``), then fine-tuning at ``learning_rate * finetune_lr_factor``. Works for Keras 3
+    and tf_keras models alike.
+    """
+    k = _keras_module(cfg.spec.framework)
+    params = cfg.params
+    epochs = int(params["epochs"])
+    if model.output_shape[-1] != 1:
+        raise registry.PluginError(f"model {cfg.name!r}: a binary classifier needs one sigmoid output, "
+                                   f"got {model.output_shape[-1]} (the thesis's 3-output head is for "
+                                   "reproducing its parameter count only)")
+
+    def compile_and_fit(learning_rate: float, cbs: list, first: int, last: int) -> None:
+        model.compile(optimizer=k.optimizers.Adam(learning_rate),
+                      loss=k.losses.BinaryCrossentropy(),
+                      metrics=[k.metrics.AUC(name="auroc"), k.metrics.BinaryAccuracy(name="accuracy")])
+        model.fit(data.train, validation_data=data.val, epochs=last, initial_epoch=first,
+                  class_weight=data.class_weight, callbacks=cbs, verbose=2)
+
+    frozen = int(params.get("frozen_epochs", 0))
+    if params.get("weights", "none") in (None, "none") or frozen <= 0:
+        compile_and_fit(float(params["learning_rate"]), callbacks_, 0, epochs)
+        return
+    backbone = [layer for layer in model.layers if not layer.name.startswith("head_")]
+    done = cfg.work_dir / "checkpoints" / "frozen.done"
+    if not done.exists():
+        for layer in backbone:
+            layer.trainable = False
+        compile_and_fit(float(params["learning_rate"]),
+                        callbacks(cfg.spec.framework, cfg.work_dir, int(params["patience"]), "frozen"), 0, frozen)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+    for layer in backbone:
+        layer.trainable = True
+    compile_and_fit(float(params["learning_rate"]) * float(params.get("finetune_lr_factor", 0.1)),
+                    callbacks_, frozen, epochs)
+
+
+def run_epochs(cfg: ModelConfig, *, trackables: dict[str, Any], train_epoch: Callable[[int], dict],
+               evaluate: Callable[[], dict], epochs: int, patience: int) -> None:
+    """A resumable epoch loop for custom training loops (Model Garden detectors).
+
+    Restores ``tf.train.Checkpoint(**trackables, epoch=…)`` from ``work_dir/checkpoints/loop``,
+    then per epoch: ``train_epoch(epoch)`` → train logs, ``evaluate()`` → val logs (with
+    ``val_auroc``), history row, checkpoint; stops early after ``patience`` epochs without a
+    better ``val_auroc`` and restores the best weights of ``trackables["model"]``.
+    """
+    import tensorflow as tf
+
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    checkpoint = tf.train.Checkpoint(**trackables, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(cfg.work_dir / "checkpoints" / "loop"), max_to_keep=1)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint)
+        log.info("resuming from %s at epoch %d", manager.latest_checkpoint, int(epoch_var.numpy()))
+    best_ckpt = tf.train.Checkpoint(model=trackables["model"])
+    best_prefix = str(cfg.work_dir / "best_weights" / "loop")
+    history_path = cfg.work_dir / "history.parquet"
+    best = _best_so_far(history_path)
+    history = pd.read_parquet(history_path) if history_path.is_file() else pd.DataFrame()
+    since_best = 0
+    if best is not None and len(history):
+        since_best = int(history["epoch"].max() - history.loc[history[MONITOR].idxmax(), "epoch"])
+    for epoch in range(int(epoch_var.numpy()), epochs):
+        if since_best >= patience:
+            log.info("early stopping: no better %s for %d epochs", MONITOR, patience)
+            break
+        logs = {**train_epoch(epoch), **evaluate()}
+        append_history(history_path, epoch + 1, logs)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{key}={value:.4f}" for key, value in logs.items()))
+        if best is None or logs[MONITOR] > best:
+            best, since_best = logs[MONITOR], 0
+            best_ckpt.write(best_prefix)
+        else:
+            since_best += 1
+        epoch_var.assign(epoch + 1)
+        manager.save()
+    if Path(best_prefix + ".index").exists():
+        best_ckpt.read(best_prefix).expect_partial()
+
+
+def _keras_module(framework: str):
+    if framework == "tf_keras":
+        import tf_keras
+
+        return tf_keras
+    import keras
+
+    return keras
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_model(plugin: Plugin, model, work_dir: Path) -> None:
+    """Save with the framework's own format; the plugin's ``save`` for services."""
+    framework = plugin.spec.framework
+    if framework == "keras":
+        model.save(work_dir / MODEL_FILES["keras"])
+    elif framework == "tf_keras":
+        model.save_weights(str(work_dir / MODEL_FILES["tf_keras"]))
+    else:
+        plugin.hook("save")(model, work_dir / MODEL_FILES["service"])
+
+
+def load_model(plugin: Plugin, cfg: ModelConfig):
+    """Inverse of :func:`save_model` (tf_keras models are rebuilt, then their weights loaded)."""
+    framework = plugin.spec.framework
+    if framework == "keras":
+        import keras
+
+        return keras.models.load_model(cfg.work_dir / MODEL_FILES["keras"], compile=False)
+    if framework == "tf_keras":
+        model = plugin.hook("build")(cfg)
+        model.load_weights(str(cfg.work_dir / MODEL_FILES["tf_keras"])).expect_partial()
+        return model
+    return plugin.hook("load")(cfg.work_dir / MODEL_FILES["service"], cfg)
+
+
+def count_params(model) -> int | None:
+    counter = getattr(model, "count_params", None)
+    try:
+        return int(counter()) if counter else None
+    except ValueError:  # an unbuilt subclassed model
+        return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def train_model(name: str, config: dict, threads: int | None = None) -> dict:
+    """Train one configured model end to end and write its folder; return the summary."""
+    plugin, cfg = resolve(name, config)
+    work_dir = cfg.work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log.info("train %s (plugin %s, %s/%s) CUDA_VISIBLE_DEVICES=%s SLURM_JOB_ID=%s", name, plugin.name,
+             cfg.spec.kind, cfg.spec.framework, os.environ.get("CUDA_VISIBLE_DEVICES"),
+             os.environ.get("SLURM_JOB_ID"))
+    preset = config["models"][name].get("preset") or plugin.spec.preset
+    preset_dir = Path(config["results"]) / "preprocess" / preset
+    recipe = json.loads((preset_dir / "recipe.json").read_text())
+    write_json(recipe, work_dir / "recipe.json")
+    write_json({"model": name, "plugin": plugin.name, "params": cfg.params, "seed": cfg.seed,
+                "input_shape": list(cfg.input_shape)}, work_dir / "params.json")
+
+    seed_everything(cfg.seed, threads)
+    manifest = pd.read_parquet(Path(config["results"]) / "data" / "manifest.parquet")
+    data = train_data(cfg, manifest, preset_dir, config["train"])
+    start = time.monotonic()
+    with distribution(cfg.spec.framework).scope():
+        model = plugin.hook("build")(cfg)
+    patience = int(cfg.params.get("patience", 5))
+    cbs = callbacks(cfg.spec.framework, work_dir, patience) if cfg.spec.framework != "service" else []
+    plugin.hook("train")(model, data, cfg, cbs)
+    restored = restore_best(model, cfg.spec.framework, work_dir) if cfg.spec.framework != "service" else False
+    seconds = time.monotonic() - start
+    save_model(plugin, model, work_dir)
+
+    history = pd.read_parquet(work_dir / "history.parquet") if (work_dir / "history.parquet").is_file() else None
+    best_epoch = None
+    if history is not None and MONITOR in history and history[MONITOR].notna().any():
+        best_epoch = int(history.loc[history[MONITOR].idxmax(), "epoch"])
+    summary = {
+        "model": name, "plugin": plugin.name, "kind": cfg.spec.kind, "framework": cfg.spec.framework,
+        "preset": preset, "recipe_hash": recipe.get("hash"), "train_seconds": round(seconds, 2),
+        "params": count_params(model), "epochs_run": None if history is None else int(history["epoch"].max()),
+        "best_epoch": best_epoch, "restored_best": restored, "input_shape": list(cfg.input_shape),
+        "gpus_visible": _gpu_count(),
+    }
+    write_json(summary, work_dir / "train_summary.json")  # last: marks the model complete
+    return summary
+
+
+def _gpu_count() -> int:
+    import tensorflow as tf
+
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def predict_scores(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, preset_dir: Path,
+                   batch_size: int = 16) -> np.ndarray:
+    """Run the plugin's ``predict`` hook over the rows of ``frame`` (preprocessed paths)."""
+    from physis import pipeline
+    from physis.plugins import PredictData
+
+    images = pipeline.image_dataset(frame.assign(label=frame.get("label", 0)), cfg.spec.channels, batch_size,
+                                    training=False, seed=cfg.seed).map(lambda x, y: x)
+    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    data = PredictData(images=images, frame=frame, boxes=boxes[boxes["image_id"].isin(frame["image_id"])],
+                       preset_dir=preset_dir)
+    scores = np.asarray(plugin.hook("predict")(model, data, cfg), dtype=float).reshape(-1)
+    if len(scores) != len(frame):
+        raise registry.PluginError(f"plugin {plugin.name!r}: predict returned {len(scores)} scores for "
+                                   f"{len(frame)} images")
+    if np.any((scores < 0) | (scores > 1)) or np.isnan(scores).any():
+        raise registry.PluginError(f"plugin {plugin.name!r}: predict returned scores outside [0, 1]")
+    return scores

@@ -1,0 +1,33 @@
+if config["dataset"]["phantom"]["enabled"]:
+
+    rule phantom:
+        output:
+            f"{config['dataset']['root']}/dataset.csv",
+        params:
+            phantom=config["dataset"]["phantom"],
+        log:
+            f"{LOGS}/phantom.log",
+        conda:
+            "../../envs/physis.yaml"
+        script:
+            "../scripts/phantom.py"
+
+
+rule convert:
+    input:
+        dataset_marker(),
+    output:
+        manifest=f"{DATA}/manifest.parquet",
+        boxes=f"{DATA}/boxes.parquet",
+        rejected=f"{DATA}/rejected.parquet",
+        summary=f"{DATA}/summary.json",
+        coco=directory(f"{DATA}/coco"),
+        tfrecord=directory(f"{DATA}/tfrecord"),
+    log:
+        f"{LOGS}/convert.log",
+    benchmark:
+        f"{BENCH}/convert.tsv"
+    conda:
+        "../../envs/physis.yaml"
+    script:
+        "../scripts/convert.py"

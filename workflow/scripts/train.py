@@ -1,0 +1,5 @@
+from physis import logs
+from physis.train import train_model
+
+logs.setup(snakemake.log[0])
+train_model(snakemake.params.model, snakemake.config, threads=snakemake.threads)
