@@ -1,9 +1,16 @@
 # physis: train and benchmark physeal-fracture detectors on pediatric wrist X-rays.
 #
-# DAG: phantom (optional) -> convert -> preprocess -> train (one job per model) -> evaluate -> aggregate
+# DAG: phantom (optional) -> convert -> preprocess (one job per preset) -> train (one job per model)
+#      -> predict -> evaluate (+ gallery) -> aggregate; then `snakemake --report results/report.html`.
 # Results layout (under config["results"], default results/):
-#   data/        manifest.parquet, boxes.parquet, rejected.parquet|csv, summary.json, coco/, tfrecord/
-#   logs/        one log per job;  benchmarks/  runtime and memory per job
+#   data/                 manifest, boxes, rejects, summary, coco/, tfrecord/      (convert)
+#   preprocess/{preset}/  images/, index, boxes, rejected, recipe.json, steps.png (preprocess)
+#   models/{model}/       saved model, recipe.json, params.json, history.parquet,
+#                         tensorboard/, checkpoints/, train_summary.json          (train)
+#   scores/{model}.parquet, predictions/{model}.parquet, metrics/{model}.parquet  (predict, evaluate)
+#   figures/{model}/, figures/data/, figures/comparison/                          (evaluate, aggregate)
+#   leaderboard.parquet|csv|html, comparisons.parquet|html                        (aggregate)
+#   logs/, benchmarks/    one log and one runtime/memory record per job
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -17,9 +24,23 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/convert.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
 
 
 rule all:
     default_target: True
     input:
+        rules.evaluate_all.input,
+
+
+rule data_only:
+    input:
         rules.convert.output,
+
+
+rule train_only:
+    input:
+        expand(rules.train.output, model=MODELS),

@@ -21,9 +21,9 @@ def _plugins(args) -> int:
     cfg = physis_config.load(args.config)
     presets = cfg["preprocess"]["presets"]
     rows = []
-    for name, plugin in plugins.discover().items():
+    for name, plugin in plugins.discover(cfg["plugin_dirs"]).items():
         spec = plugin.spec
-        size = presets.get(spec.preset, {}).get("resize", {})
+        size = presets.get(spec.preset, {})
         shape = (size.get("height"), size.get("width"), spec.channels)
         row = {"name": name, "kind": spec.kind, "framework": spec.framework, "preset": spec.preset,
                "input_shape": list(shape), "params": None, "reference": spec.reference, "source": plugin.source}

@@ -7,6 +7,7 @@ inputs are prepared exactly like the training inputs.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,7 @@ def model_config(model_dir: str | Path) -> tuple[Plugin, ModelConfig]:
     """Rebuild the plugin and ModelConfig a model folder was trained with."""
     model_dir = Path(model_dir)
     params = json.loads((model_dir / "params.json").read_text())
-    found = registry.discover()
-    if params["plugin"] not in found:
-        raise registry.PluginError(f"{model_dir}: trained with plugin {params['plugin']!r}, which is not installed")
-    plugin = found[params["plugin"]]
+    plugin = registry.load_source(params["plugin_source"])
     cfg = ModelConfig(name=params["model"], spec=plugin.spec, input_shape=tuple(params["input_shape"]),
                       params=params["params"], seed=params["seed"], work_dir=model_dir)
     return plugin, cfg
@@ -48,28 +46,30 @@ def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str
     preset_dir = Path(preset_dir)
     frames = load_frames(manifest[manifest["split"].isin(splits)], preset_dir)
     frame = pd.concat([frames[s] for s in splits if s in frames], ignore_index=True)
-    scores = predict_scores(plugin, model, cfg, frame, preset_dir)
+    scores = predict_scores(plugin, model, cfg, frame, pd.read_parquet(preset_dir / "boxes.parquet"), preset_dir)
     out = frame.rename(columns={"label": "y_true"}).assign(score=scores)
     return out[PREDICTION_COLUMNS]
 
 
 def predict_file(path: str | Path, model_dir: str | Path) -> float:
-    """Fracture probability of one image (PNG or DICOM), preprocessed with the model's recipe."""
+    """Fracture probability of one image (PNG or DICOM), preprocessed with the model's recipe.
+
+    The film is preprocessed into a temporary PNG exactly as the preprocess stage would, so the
+    plugin's ``predict`` sees the same kind of input as in training (and a service plugin
+    uploads pixels only, never the original file).
+    """
     from physis import preprocess
+    from physis.images import write_gray16
 
     plugin, model, cfg = load_trained(model_dir)
     recipe = json.loads((Path(model_dir) / "recipe.json").read_text())
-    pixels = _read_any(Path(path))
-    image, _, _ = preprocess.preprocess_array(pixels, recipe["params"])
-    batch = np.repeat(image[None, ..., None], cfg.spec.channels, axis=-1).astype("float32")
-    from physis.plugins import PredictData
-    import tensorflow as tf
-
-    frame = pd.DataFrame({"image_id": [Path(path).stem], "path": [str(path)]})
-    data = PredictData(images=tf.data.Dataset.from_tensor_slices(batch).batch(1), frame=frame,
-                       boxes=pd.DataFrame(columns=["image_id", "class", "x", "y", "w", "h"]),
-                       preset_dir=Path(model_dir))
-    return float(np.asarray(plugin.hook("predict")(model, data, cfg)).reshape(-1)[0])
+    image, _, _ = preprocess.preprocess_array(_read_any(Path(path)), recipe["params"])
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "image.png"
+        write_gray16(png, np.round(image * 65535))
+        frame = pd.DataFrame({"image_id": ["image"], "path": [str(png)], "label": [0]})
+        boxes = pd.DataFrame(columns=["image_id", "class", "x", "y", "w", "h"])
+        return float(predict_scores(plugin, model, cfg, frame, boxes, Path(tmp), batch_size=1)[0])
 
 
 def _read_any(path: Path) -> np.ndarray:

@@ -368,6 +368,11 @@ class _LongBone:
         """Metaphyseal/shaft half-width at local ``v`` (below the physis)."""
         return self.rm + (self.rs - self.rm) * _smoothstep(v / self.flare)
 
+    def surface(self, x: float) -> float:
+        """Local v of the epiphysis' articular surface (its dome, without knobs) at ``x``."""
+        across = min(abs(x - self.eu) / self.ea, 0.95)
+        return -self.tp / 2 - self.ek * self.eb - self.eb * math.sqrt(1.0 - across**2)
+
     @property
     def top(self) -> float:
         """Local v of the epiphysis top (negative: distal)."""
@@ -413,14 +418,16 @@ class _LongBone:
         half_tp = self.tp / 2
         s = _smoothstep(v / self.flare)
         r = self.rm + (self.rs - self.rm) * s
+        centre = 0.0
         if bulge is not None:
             bv, amplitude, width, sides = bulge
             bump = amplitude * np.exp(-(((v - bv) / width) ** 2))
-            if len(sides) == 1:
-                bump = bump * (np.sign(x) == sides[0])
+            if len(sides) == 1:  # push one cortex out: widen by half the bump, shift the axis by the other half
+                bump = bump / 2
+                centre = sides[0] * bump
             r = r + bump
         cortex = r * (0.12 + 0.16 * s)
-        meta = _tube(np.abs(x), r, r - cortex, marrow=0.25)
+        meta = _tube(np.abs(x - centre), r, r - cortex, marrow=0.25)
         # a soft end at the physis, and the dense zone of provisional calcification just below it
         end = np.clip((v - half_tp) / 1.5 + 0.5, 0.0, 1.0)
         calcification = np.clip(1.0 - np.abs(v - 1.1 * self.tp) / (0.6 * self.tp), 0.0, 1.0)
@@ -513,6 +520,7 @@ def _fragment(fracture: Fracture, bone, scale: float, healing: float) -> _Fragme
     """Geometry of ``fracture`` on ``bone`` (local coordinates) ``healing`` (0–1) into recovery:
     displacement and bulge shrink to half, the gap fades by a third."""
     fresh = _fresh_fragment(fracture, bone, scale)
+    fresh.line = _jagged(fresh.line, 0.35 * fresh.width, np.random.default_rng(int(fracture.shape[0] * 2**32)))
     settle = 1.0 - 0.5 * healing
     bulge = fresh.bulge
     if bulge is not None:
@@ -521,11 +529,23 @@ def _fragment(fracture: Fracture, bone, scale: float, healing: float) -> _Fragme
     return replace(fresh, depth=fresh.depth * (1.0 - healing / 3), shift=shift, bulge=bulge)
 
 
+def _jagged(line: np.ndarray, amplitude: float, rng: np.random.Generator, pieces: int = 4) -> np.ndarray:
+    """``line`` with every segment cut into ``pieces`` whose joints wander up to ``amplitude`` sideways.
+    Staying inside the gap's half-width, the wander never uncovers the fragment's straight edge."""
+    points = [line[0]]
+    for start, stop in zip(line[:-1], line[1:]):
+        normal = np.array([start[1] - stop[1], stop[0] - start[0]]) / max(float(np.hypot(*(stop - start))), 1e-9)
+        for k in range(1, pieces):
+            points.append(start + (stop - start) * k / pieces + normal * amplitude * float(rng.uniform(-1, 1)))
+        points.append(stop)
+    return np.array(points)
+
+
 def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
     """Geometry of a fresh ``fracture`` on ``bone`` (local coordinates); ``scale``: pixels per forearm unit."""
     q = fracture.shape
     f = 1 if q[7] < 0.5 else -1  # which side of the bone the fracture favours
-    width = max(2.0, scale * (0.008 + 0.005 * q[6]))
+    width = max(2.0, scale * (0.011 + 0.006 * q[6]))
     depth = 0.75 + 0.2 * q[8]
     kind = fracture.kind
     if kind == "SCAPHOID":
@@ -554,7 +574,8 @@ def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
         return _Fragment(line, width, depth, polygon, shift)
     if kind == "SH3":
         corner = f * R * (-0.2 + 0.5 * q[0])
-        articular = (corner + f * 0.15 * R * (q[1] - 0.5), top * 1.1)
+        articular_x = corner + f * 0.15 * R * (q[1] - 0.5)
+        articular = (articular_x, bone.surface(articular_x) - 0.3 * tp)
         line = np.array([[f * 1.05 * R, 0.0], [corner, 0.0], articular])
         polygon = np.array([[f * far, 0.0], [corner, 0.0], articular, [articular[0], -far], [f * far, -far]])
         shift = (f * scale * (0.006 + 0.014 * q[2]), -tp * (0.2 + 0.5 * q[3]))
@@ -563,8 +584,9 @@ def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
         x1 = f * R * (-0.25 + 0.45 * q[0])
         h = R * (0.3 + 0.4 * q[1])
         exit_x = f * 1.05 * float(bone.radius_at(np.float32(h)))
-        line = np.array([[x1, top * 1.1], [x1 + f * 0.15 * R, 0.0], [exit_x, h]])
-        polygon = np.array([[x1, -far], [x1, top * 1.1], [x1 + f * 0.15 * R, 0.0], [exit_x, h], [f * far, h],
+        articular = bone.surface(x1) - 0.3 * tp
+        line = np.array([[x1, articular], [x1 + f * 0.15 * R, 0.0], [exit_x, h]])
+        polygon = np.array([[x1, -far], [x1, articular], [x1 + f * 0.15 * R, 0.0], [exit_x, h], [f * far, h],
                             [f * far, -far]])
         shift = (f * scale * (0.004 + 0.01 * q[2]), -scale * (0.006 + 0.014 * q[3]))
         return _Fragment(line, width, depth, polygon, shift)
@@ -575,7 +597,7 @@ def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
         line = np.array([[-r, v + lean], [r, v - lean]])
         polygon = np.array([[-far, v + lean], [-r, v + lean], [r, v - lean], [far, v - lean], [far, -far],
                             [-far, -far]])
-        shift = (f * scale * (0.01 + 0.03 * q[2]), scale * (-0.004 + 0.014 * q[3]))
+        shift = (f * scale * (0.008 + 0.022 * q[2]), scale * (-0.004 + 0.012 * q[3]))
         return _Fragment(line, width, depth, polygon, shift)
     if kind in ("M2", "D2"):
         if kind == "M2":
@@ -585,9 +607,9 @@ def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
             v = R * (1.6 + 1.2 * q[0])
             bulge_sides = (-f,)  # greenstick: break on one side, bend on the other
         r = float(bone.radius_at(np.float32(v)))
-        inner = f * r * (1.05 - 0.4 - 0.4 * q[4])
+        inner = f * r * (1.05 - 0.5 - 0.4 * q[4])  # the break crosses half the bone or more
         line = np.array([[f * 1.05 * r, v], [inner, v + R * 0.2 * (q[5] - 0.5)]])
-        amplitude = scale * (0.008 + 0.012 * q[2])
+        amplitude = scale * (0.012 + 0.012 * q[2])
         bulge_width = scale * (0.02 + 0.02 * q[3])
         extra = np.array([[s * (r + amplitude), v + dv] for s in bulge_sides for dv in (-bulge_width, bulge_width)])
         return _Fragment(line, width, 0.8 * depth, None, (0.0, 0.0), (v, amplitude, bulge_width, bulge_sides), extra)
@@ -598,7 +620,7 @@ def _fresh_fragment(fracture: Fracture, bone, scale: float) -> _Fragment:
         line = np.array([[kx - 1.6 * ka, base + lean], [kx + 1.6 * ka, base - lean]])
         polygon = np.array([[kx - 1.6 * ka, base + lean], [kx + 1.6 * ka, base - lean], [kx + 1.6 * ka, kv - 4 * kb],
                             [kx - 1.6 * ka, kv - 4 * kb]])
-        shift = (bone.outer * scale * (0.003 + 0.008 * q[1]), -scale * (0.004 + 0.01 * q[2]))
+        shift = (bone.outer * scale * (0.006 + 0.01 * q[1]), -scale * (0.008 + 0.01 * q[2]))
         return _Fragment(line, 0.85 * width, depth, polygon, shift)
     raise ValueError(f"unknown fracture kind {kind!r}")
 
@@ -622,8 +644,11 @@ def _fractured_thickness(bone, x, y, fragment: _Fragment) -> np.ndarray:
         moved = _inside(x - dx, y - dy, fragment.polygon)
         t = np.where(original, 0.0, t) + np.where(moved, bone.thickness(x - dx, y - dy), 0.0)
     if fragment.depth > 0:
-        gap = np.clip((fragment.width / 2 - _segment_distance(x, y, fragment.line)) + 0.5, 0.0, 1.0)
-        t = t * (1.0 - fragment.depth * gap)
+        distance = _segment_distance(x, y, fragment.line)
+        gap = np.clip((fragment.width / 2 - distance) + 0.5, 0.0, 1.0)
+        # compressed trabeculae make the fracture margins denser than the bone around them
+        margin = np.exp(-(((distance - fragment.width) / (0.6 * fragment.width)) ** 2))
+        t = t * (1.0 - fragment.depth * gap) * (1.0 + 0.35 * fragment.depth * margin)
     return t
 
 
@@ -718,21 +743,28 @@ class _Film:
 
     def box(self, cls: str, image_points: np.ndarray, pad: float) -> Box | None:
         """Pixel box around ``image_points`` (k×2, image coordinates) grown by ``pad``, clipped to the film."""
-        x0 = max(int(math.floor(image_points[:, 0].min() - pad)), 0)
-        y0 = max(int(math.floor(image_points[:, 1].min() - pad)), 0)
-        x1 = min(int(math.ceil(image_points[:, 0].max() + pad)), self.width - 1)
-        y1 = min(int(math.ceil(image_points[:, 1].max() + pad)), self.height - 1)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return None
-        return Box(cls, float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1))
+        return _pixel_box(cls, image_points, pad, self.width, self.height)
 
-    def mask_box(self, cls: str, mask: np.ndarray, window: tuple[slice, slice], pad: int = 1) -> Box | None:
-        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        if rows.size == 0:
-            return None
-        points = np.array([[cols[0] + window[1].start, rows[0] + window[0].start],
-                           [cols[-1] + window[1].start, rows[-1] + window[0].start]], dtype=float)
-        return self.box(cls, points, pad)
+
+def _pixel_box(cls: str, points: np.ndarray, pad: float, width: int, height: int) -> Box | None:
+    """Box of whole pixels around ``points`` (k×2 image x, y) grown by ``pad``, clipped to the image;
+    None when less than 3×3 pixels remain."""
+    x0 = max(math.floor(points[:, 0].min() - pad), 0)
+    y0 = max(math.floor(points[:, 1].min() - pad), 0)
+    x1 = min(math.ceil(points[:, 0].max() + pad), width - 1)
+    y1 = min(math.ceil(points[:, 1].max() + pad), height - 1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return Box(cls, float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1))
+
+
+def _mask_box(cls: str, mask: np.ndarray, top: int, left: int, pad: float, width: int, height: int) -> Box | None:
+    """Box around the set pixels of ``mask``, whose corner lies at (``top``, ``left``) of the image."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    corners = np.array([[left + cols[0], top + rows[0]], [left + cols[-1], top + rows[-1]]], dtype=float)
+    return _pixel_box(cls, corners, pad, width, height)
 
 
 def _film_size(rng: np.random.Generator, size_scale: float) -> tuple[int, int]:
@@ -763,7 +795,8 @@ def _forearm(spec: PhantomImage, anatomy: np.random.Generator, rng: np.random.Ge
         rm=rm, rs=scale * 0.072 * rad_w, flare=scale * 0.28, tp=tp,
         ea=rm * float(rng.uniform(0.95, 1.02)) * (0.7 + 0.3 * grown), eb=scale * 0.052 * grown,
         ek=0.9 - 0.7 * (grown - 0.62) / 0.38, eu=out * rm * 0.05,
-        knobs=((out * rm * 0.55 * (1 - view), -tp / 2 - scale * 0.07 * grown, rm * 0.35, scale * 0.045 * grown),),
+        knobs=((out * rm * 0.55 * (1 - view), -tp / 2 - scale * (0.07 - 0.02 * view) * grown, rm * 0.35,
+                scale * (0.045 - 0.015 * view) * grown),),
         outer=out,
     )
     urm = scale * 0.085 * uln_w * (0.85 + 0.15 * grown)
@@ -813,6 +846,7 @@ def _forearm(spec: PhantomImage, anatomy: np.random.Generator, rng: np.random.Ge
 
 
 def _soft_tissue(film: _Film, soft: dict, scale: float) -> None:
+    """Forearm and hand as one cylinder whose radius widens from the wrist towards the fingers."""
     u, v = film.u, film.v
     blend = _smoothstep((soft["wrist"] - v) / (0.35 * scale))
     half = soft["forearm"] + (soft["hand"] - soft["forearm"]) * blend
@@ -820,6 +854,7 @@ def _soft_tissue(film: _Film, soft: dict, scale: float) -> None:
 
 
 def _cast(film: _Film, soft: dict, scale: float, rng: np.random.Generator) -> None:
+    """A forearm cast: a hollow cylinder (bright walls) with a faint fibreglass mesh."""
     outer = soft["forearm"] + scale * float(rng.uniform(0.05, 0.09))
     wall = scale * float(rng.uniform(0.02, 0.035))
     start = soft["wrist"] - scale * float(rng.uniform(0.2, 0.45))
@@ -860,7 +895,7 @@ def _metal(film: _Film, scale: float, rng: np.random.Generator) -> Box | None:
         d = np.hypot(np.maximum(np.abs(along) - half, 0.0), across)
         mask = np.clip(r - d + 0.5, 0.0, 1.0)
     film.dense[window] += 6.0 * mask
-    return film.mask_box("metal", mask > 0.5, window, pad=1)
+    return _mask_box("metal", mask > 0.5, window[0].start, window[1].start, 1, film.width, film.height)
 
 
 def _texts(canvas: np.ndarray, spec: PhantomImage, rng: np.random.Generator) -> list[Box]:
@@ -872,26 +907,21 @@ def _texts(canvas: np.ndarray, spec: PhantomImage, rng: np.random.Generator) -> 
     for label, corner in zip(labels, corners):
         size = max(8, round(height * float(rng.uniform(0.03, 0.055))))
         font = _font(size)
-        x0, y0, x1, y1 = font.getbbox(label)
-        tile = Image.new("L", (x1 + 4, y1 + 4))
+        *_, right, bottom = font.getbbox(label)
+        tile = Image.new("L", (right + 4, bottom + 4))
         ImageDraw.Draw(tile).text((2, 2), label, fill=255, font=font)
         tile = tile.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR, expand=True)
         mask = np.asarray(tile, dtype=np.float32) / 255.0
-        th, tw = mask.shape
         margin_x, margin_y = int(width * rng.uniform(0.02, 0.08)), int(height * rng.uniform(0.02, 0.06))
-        left = margin_x if corner % 2 == 0 else width - margin_x - tw
-        top = margin_y if corner < 2 else height - margin_y - th
-        left, top = int(np.clip(left, 0, max(width - tw, 0))), int(np.clip(top, 0, max(height - th, 0)))
+        left = margin_x if corner % 2 == 0 else width - margin_x - mask.shape[1]
+        top = margin_y if corner < 2 else height - margin_y - mask.shape[0]
+        left, top = max(0, min(left, width - mask.shape[1])), max(0, min(top, height - mask.shape[0]))
         mask = mask[: height - top, : width - left]
         window = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
         canvas[window] = np.maximum(canvas[window], mask * float(rng.uniform(0.9, 1.0)))
-        rows, cols = np.nonzero(mask.max(axis=1) > 0.3)[0], np.nonzero(mask.max(axis=0) > 0.3)[0]
-        if rows.size:
-            x_lo, x_hi = left + cols[0] - 1, left + cols[-1] + 1
-            y_lo, y_hi = top + rows[0] - 1, top + rows[-1] + 1
-            x_lo, y_lo = max(x_lo, 0), max(y_lo, 0)
-            x_hi, y_hi = min(x_hi, width - 1), min(y_hi, height - 1)
-            boxes.append(Box("text", float(x_lo), float(y_lo), float(x_hi - x_lo + 1), float(y_hi - y_lo + 1)))
+        box = _mask_box("text", mask > 0.3, top, left, 1, width, height)
+        if box is not None:
+            boxes.append(box)
     return boxes
 
 

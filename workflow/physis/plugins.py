@@ -163,8 +163,9 @@ def _load_file(path: Path) -> ModuleType:
     return module
 
 
-def discover(plugin_dir: str | Path | None = None, use_entry_points: bool = True) -> dict[str, Plugin]:
-    """Find every plugin: files in ``plugin_dir`` (default ``plugins/``) and installed entry points.
+def discover(plugin_dirs: list[str | Path] | None = None, use_entry_points: bool = True) -> dict[str, Plugin]:
+    """Find every plugin: ``*.py`` files in ``plugin_dirs`` (default: the repository's ``plugins/``)
+    and modules listed in the installed ``physis.plugins`` entry points.
 
     A name found twice is an error naming both sources.
     """
@@ -175,21 +176,29 @@ def discover(plugin_dir: str | Path | None = None, use_entry_points: bool = True
             raise PluginError(f"plugin {name!r} is defined twice: {found[name].source} and {source}")
         found[name] = _validate(name, load(), source)
 
-    directory = Path(plugin_dir) if plugin_dir else PLUGIN_DIR
-    for path in sorted(directory.glob("*.py")):
-        if not path.stem.startswith("_"):
-            add(path.stem, lambda path=path: _load_file(path), str(path))
+    for directory in plugin_dirs or [PLUGIN_DIR]:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PluginError(f"{directory}: plugin folder not found")
+        for path in sorted(directory.glob("*.py")):
+            if not path.stem.startswith("_"):
+                add(path.stem, lambda path=path: _load_file(path), str(path.resolve()))
     if use_entry_points:
         for point in entry_points(group=ENTRY_POINT_GROUP):
             add(point.name, point.load, f"entry point {point.value}")
     return found
 
 
-def names(plugin_dir: str | Path | None = None) -> list[str]:
-    """Plugin names without importing them (for Snakemake's wildcard constraint at parse time)."""
-    directory = Path(plugin_dir) if plugin_dir else PLUGIN_DIR
-    local = [p.stem for p in sorted(directory.glob("*.py")) if not p.stem.startswith("_")]
-    return local + [point.name for point in entry_points(group=ENTRY_POINT_GROUP)]
+def load_source(source: str) -> Plugin:
+    """Load one plugin again from the ``source`` it was discovered at (a file or an entry point)."""
+    if source.startswith("entry point "):
+        value = source.removeprefix("entry point ")
+        point = next(p for p in entry_points(group=ENTRY_POINT_GROUP) if p.value == value)
+        return _validate(point.name, point.load(), source)
+    path = Path(source)
+    if not path.is_file():
+        raise PluginError(f"plugin file {source} no longer exists")
+    return _validate(path.stem, _load_file(path), source)
 
 
 def resolve_params(plugin: Plugin, overrides: dict[str, Any] | None) -> dict[str, Any]:

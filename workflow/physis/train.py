@@ -38,10 +38,10 @@ MODEL_FILES = {"keras": "model.keras", "tf_keras": "weights", "service": "servic
 # --------------------------------------------------------------------------- configuration
 
 
-def resolve(name: str, config: dict, plugin_dir: str | Path | None = None) -> tuple[Plugin, ModelConfig]:
+def resolve(name: str, config: dict) -> tuple[Plugin, ModelConfig]:
     """Turn ``config["models"][name]`` into its plugin and a :class:`ModelConfig`."""
     entry = config["models"][name]
-    found = registry.discover(plugin_dir)
+    found = registry.discover(config["plugin_dirs"])
     plugin_name = entry.get("plugin") or name
     if plugin_name not in found:
         raise registry.PluginError(f"model {name!r}: no plugin named {plugin_name!r} (known: {', '.join(found)})")
@@ -50,7 +50,7 @@ def resolve(name: str, config: dict, plugin_dir: str | Path | None = None) -> tu
     presets = config["preprocess"]["presets"]
     if preset not in presets:
         raise registry.PluginError(f"model {name!r}: preprocessing preset {preset!r} is not in preprocess.presets")
-    size = presets[preset]["resize"]
+    size = presets[preset]
     params = registry.resolve_params(plugin, entry.get("params"))
     work_dir = Path(config["results"]) / "models" / name
     cfg = ModelConfig(name=name, spec=plugin.spec, input_shape=(size["height"], size["width"], plugin.spec.channels),
@@ -105,13 +105,13 @@ def load_frames(manifest: pd.DataFrame, preset_dir: Path) -> dict[str, pd.DataFr
     return {split: part.reset_index(drop=True) for split, part in joined.groupby("split")}
 
 
-def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train_cfg: dict) -> TrainData:
+def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train_cfg: dict,
+               augment: dict | None) -> TrainData:
     from physis import pipeline
 
     frames = load_frames(manifest, preset_dir)
     batch = int(cfg.params.get("batch_size", 8))
     balance = "sampling" if train_cfg["class_balance"] == "sampling" else "none"
-    augment = train_cfg.get("augment")
     train = pipeline.image_dataset(frames["train"], cfg.spec.channels, batch, training=True, seed=cfg.seed,
                                    augment=augment, cache=train_cfg["cache"], balance=balance)
     val = pipeline.image_dataset(frames["val"], cfg.spec.channels, batch, training=False, seed=cfg.seed,
@@ -327,12 +327,14 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
     preset_dir = Path(config["results"]) / "preprocess" / preset
     recipe = json.loads((preset_dir / "recipe.json").read_text())
     write_json(recipe, work_dir / "recipe.json")
-    write_json({"model": name, "plugin": plugin.name, "params": cfg.params, "seed": cfg.seed,
-                "input_shape": list(cfg.input_shape)}, work_dir / "params.json")
+    write_json({"model": name, "plugin": plugin.name, "plugin_source": plugin.source, "params": cfg.params,
+                "seed": cfg.seed, "input_shape": list(cfg.input_shape)}, work_dir / "params.json")
 
+    if (work_dir / "checkpoints").exists():
+        log.info("resuming from checkpoint in %s", work_dir / "checkpoints")
     seed_everything(cfg.seed, threads)
     manifest = pd.read_parquet(Path(config["results"]) / "data" / "manifest.parquet")
-    data = train_data(cfg, manifest, preset_dir, config["train"])
+    data = train_data(cfg, manifest, preset_dir, config["train"], config["preprocess"].get("augment"))
     start = time.monotonic()
     with distribution(cfg.spec.framework).scope():
         model = plugin.hook("build")(cfg)
@@ -364,21 +366,20 @@ def _gpu_count() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
-def predict_scores(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, preset_dir: Path,
-                   batch_size: int = 16) -> np.ndarray:
-    """Run the plugin's ``predict`` hook over the rows of ``frame`` (preprocessed paths)."""
+def predict_scores(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame,
+                   preset_dir: Path, batch_size: int = 16) -> np.ndarray:
+    """Run the plugin's ``predict`` hook over the rows of ``frame`` (preprocessed PNG paths)."""
     from physis import pipeline
     from physis.plugins import PredictData
 
     images = pipeline.image_dataset(frame.assign(label=frame.get("label", 0)), cfg.spec.channels, batch_size,
                                     training=False, seed=cfg.seed).map(lambda x, y: x)
-    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
     data = PredictData(images=images, frame=frame, boxes=boxes[boxes["image_id"].isin(frame["image_id"])],
                        preset_dir=preset_dir)
     scores = np.asarray(plugin.hook("predict")(model, data, cfg), dtype=float).reshape(-1)
     if len(scores) != len(frame):
         raise registry.PluginError(f"plugin {plugin.name!r}: predict returned {len(scores)} scores for "
                                    f"{len(frame)} images")
-    if np.any((scores < 0) | (scores > 1)) or np.isnan(scores).any():
+    if np.isnan(scores).any() or np.any((scores < 0) | (scores > 1)):
         raise registry.PluginError(f"plugin {plugin.name!r}: predict returned scores outside [0, 1]")
     return scores

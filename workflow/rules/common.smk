@@ -22,7 +22,7 @@ def dataset_marker():
 from physis import plugins as plugin_registry
 from physis import train as physis_train
 
-PLUGINS = plugin_registry.discover()
+PLUGINS = plugin_registry.discover(config["plugin_dirs"])
 for _name, _entry in config["models"].items():
     _plugin = _entry.get("plugin") or _name
     if _plugin not in PLUGINS:
@@ -47,8 +47,9 @@ def unavailable_reason(name):
     return check(cfg)
 
 
-UNAVAILABLE = {name: reason for name in config["models"] if (reason := unavailable_reason(name))}
-MODELS = [name for name in config["models"] if name not in UNAVAILABLE]
+CONFIGURED = [name for name, entry in config["models"].items() if entry["enabled"]]
+UNAVAILABLE = {name: reason for name in CONFIGURED if (reason := unavailable_reason(name))}
+MODELS = [name for name in CONFIGURED if name not in UNAVAILABLE]
 PRESETS = sorted({model_preset(name) for name in MODELS})
 
 

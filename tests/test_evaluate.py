@@ -1,0 +1,208 @@
+"""The evaluate stage on synthetic scores: threshold, predictions, metric table, figures, gallery."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from physis import config, evaluate, metrics
+
+FIGURES = ["roc", "pr", "calibration", "confusion", "subgroups"]
+
+
+def synthetic_scores(patients: int = 40, seed: int = 0, strength: float = 2.0) -> pd.DataFrame:
+    """A scores table as ``physis.inference.predict_frame`` writes it: two views per patient."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        label = int(rng.random() < 0.4)
+        sh_type = rng.choice([1, 2, 2, 3]) if label else pd.NA
+        age, sex, base = rng.uniform(2, 18), rng.choice(["F", "M"]), rng.normal(strength * label, 1)
+        for view in ("ap", "lat"):
+            rows.append({"image_id": f"{p:04d}_{view}", "patient_id": f"{p:04d}", "split": ("val", "test")[p % 2],
+                         "y_true": label, "score": float(1 / (1 + np.exp(-(base + rng.normal(0, 0.3))))),
+                         "sh_type": sh_type, "age": age, "sex": sex, "view": view})
+    frame = pd.DataFrame(rows)
+    frame["sh_type"] = frame["sh_type"].astype("Int64")
+    return frame
+
+
+def eval_config(**changes) -> dict:
+    cfg = config.load(overrides={"evaluate": {"bootstrap": 60, "min_positive_patients": 3, **changes}})
+    return cfg["evaluate"]
+
+
+def output_paths(folder) -> dict[str, str]:
+    names = {"predictions": "predictions.parquet", "metrics": "metrics.parquet", "metrics_html": "metrics.html",
+             "subgroups_html": "subgroups.html", "curves": "training.png", "card": "model_card.html"}
+    names.update({name: f"{name}.png" for name in FIGURES})
+    return {key: str(folder / name) for key, name in names.items()}
+
+
+def test_threshold_on_validation_applied_to_test():
+    scores = synthetic_scores()
+    cfg = eval_config()
+    threshold = evaluate.pick_threshold(scores, cfg)
+    val = scores[scores["split"] == "val"]
+    assert threshold.value == metrics.choose_threshold(val["y_true"], val["score"])
+    assert threshold.rule == "youden" and threshold.note == ""
+    predictions = evaluate.predictions_table(scores, threshold)
+    assert list(predictions.columns) == evaluate.PREDICTION_COLUMNS
+    assert (predictions["y_pred"] == (predictions["score"] >= threshold.value)).all()
+    moved = scores.assign(score=np.where(scores["split"] == "test", 0.0, scores["score"]))
+    assert evaluate.pick_threshold(moved, cfg).value == threshold.value  # test films never move it
+
+
+def test_sensitivity_target_rule():
+    scores = synthetic_scores()
+    threshold = evaluate.pick_threshold(scores, eval_config(threshold={"rule": "sensitivity",
+                                                                       "target_sensitivity": 1.0}))
+    val = scores[scores["split"] == "val"]
+    assert (val.loc[val["y_true"] == 1, "score"] >= threshold.value).all()
+
+
+def test_one_class_validation_falls_back_with_a_message(caplog):
+    scores = synthetic_scores()
+    scores.loc[scores["split"] == "val", "y_true"] = 0
+    threshold = evaluate.pick_threshold(scores, eval_config())
+    assert threshold.value == 0.5 and threshold.rule == "fallback"
+    assert "val split has only negative films" in threshold.note
+    assert "val split has only negative films" in caplog.text
+
+
+def test_predictions_need_the_contract_columns():
+    with pytest.raises(evaluate.EvaluateError, match="sh_type"):
+        evaluate.predictions_table(synthetic_scores().drop(columns=["sh_type"]), evaluate.Threshold(0.5, "youden"))
+
+
+def test_metric_table_rows_and_consistency():
+    scores = synthetic_scores()
+    cfg = eval_config()
+    threshold = evaluate.pick_threshold(scores, cfg)
+    predictions = evaluate.predictions_table(scores, threshold)
+    table = evaluate.metric_table(predictions, threshold, cfg, "toy")
+    assert list(table.columns) == evaluate.METRIC_COLUMNS and (table["model"] == "toy").all()
+    overall = table[table["group"] == "overall"]
+    for split in ("val", "test"):
+        got = overall[(overall["split"] == split) & (overall["metric"] != "threshold")].set_index("metric")
+        assert list(got.index) == list(metrics.METRICS)
+        films = predictions[predictions["split"] == split]
+        expected = metrics.compute(films["y_true"], films["score"], films["y_pred"])
+        assert got["value"].to_dict() == pytest.approx(expected)
+        assert (got["n"] == len(films)).all() and (got["n_patients"] == films["patient_id"].nunique()).all()
+        assert (got["ci_low"] <= got["value"] + 1e-12).all() and (got["value"] <= got["ci_high"] + 1e-12).all()
+    assert overall.loc[overall["metric"] == "threshold", "value"].item() == threshold.value
+    sh = table[table["group"] == "sh_type"]
+    assert list(sh["subgroup"]) == ["SH I", "SH II", "SH III", "SH IV"] and set(sh["metric"]) == {"sensitivity"}
+    assert sh.set_index("subgroup").loc["SH IV", "note"].startswith("too rare: 0 positive patient")
+    assert list(table.loc[table["group"] == "age", "subgroup"].unique()) == sorted(
+        table.loc[table["group"] == "age", "subgroup"].unique(), key=lambda band: float(band.split("–")[0]))
+    assert set(table.loc[table["group"] == "view", "subgroup"]) == {"ap", "lat"}
+    again = evaluate.metric_table(predictions, threshold, cfg, "toy")
+    pd.testing.assert_frame_equal(table, again)  # seeded
+
+
+def test_age_bands():
+    bands = evaluate.age_bands(pd.Series([0.5, 6.0, 13.9, 19.5, np.nan]), [0, 6, 10, 14, 20])
+    assert list(bands) == ["0–6 y", "6–10 y", "10–14 y", "14–20 y", "unknown"]
+
+
+def test_evaluate_model_writes_everything(tmp_path):
+    scores_path = tmp_path / "scores.parquet"
+    synthetic_scores().to_parquet(scores_path)
+    outputs = output_paths(tmp_path)
+    evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy")
+    for name in FIGURES:
+        assert open(outputs[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
+    html = open(outputs["metrics_html"], encoding="utf-8").read()
+    assert "Cohen's κ" in html and "Threshold" in html and "patients" in html
+    assert "Salter-Harris" in open(outputs["subgroups_html"], encoding="utf-8").read()
+    predictions = pd.read_parquet(outputs["predictions"])
+    assert list(predictions.columns) == evaluate.PREDICTION_COLUMNS
+
+
+def test_one_class_test_split_is_a_message_not_a_crash(tmp_path, caplog):
+    scores = synthetic_scores()
+    scores.loc[scores["split"] == "test", "y_true"] = 0
+    scores.loc[scores["split"] == "test", "sh_type"] = pd.NA
+    scores_path = tmp_path / "scores.parquet"
+    scores.to_parquet(scores_path)
+    outputs = output_paths(tmp_path)
+    table = evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy")
+    test = table[(table["split"] == "test") & (table["group"] == "overall")].set_index("metric")
+    assert np.isnan(test.loc["auroc", "value"]) and test.loc["auroc", "note"] == "undefined: no positives"
+    assert test["value"].notna().sum() >= 5  # accuracy, specificity, Brier, ECE, NPV/PPV still reported
+    assert "the test split has only class 0" in caplog.text
+    assert all(open(outputs[name], "rb").read(4) == b"\x89PNG" for name in FIGURES)
+
+
+def test_training_report(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "train_summary.json").write_text(json.dumps(
+        {"model": "toy", "plugin": "custom_cnn", "kind": "classifier", "framework": "keras", "train_seconds": 12.5,
+         "params": 1234, "epochs_run": 3, "best_epoch": 2, "input_shape": [64, 32, 1]}))
+    (model_dir / "params.json").write_text(json.dumps({"model": "toy", "params": {"epochs": 3, "lr": 0.001}}))
+    (model_dir / "recipe.json").write_text(json.dumps({"preset": "p", "params": {"resize": {"height": 64}}}))
+    pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.7, 0.6, 0.5], "val_loss": [0.7, 0.65, 0.66],
+                  "auroc": [0.5, 0.6, 0.7], "val_auroc": [0.5, 0.62, 0.6], "accuracy": [0.5, 0.6, 0.7],
+                  "val_accuracy": [0.5, 0.6, 0.6]}).to_parquet(model_dir / "history.parquet")
+    outputs = output_paths(tmp_path)
+    evaluate.training_report(model_dir, outputs, "toy")
+    assert open(outputs["curves"], "rb").read(4) == b"\x89PNG"
+    card = open(outputs["card"], encoding="utf-8").read()
+    assert "run: params.lr" in card and "preprocessing: params.resize.height" in card and "custom_cnn" in card
+
+
+def test_gallery_selection():
+    predictions = evaluate.predictions_table(synthetic_scores(), evaluate.Threshold(0.5, "youden"))
+    chosen = evaluate.gallery_selection(predictions, 3)
+    assert set(chosen) == {"True positives", "False positives", "False negatives"}
+    for name, (truth, predicted, ascending) in evaluate.GALLERY_ROWS.items():
+        films = chosen[name]
+        assert len(films) <= 3 and films["patient_id"].is_unique
+        assert (films["split"] == "test").all()
+        assert (films["y_true"] == truth).all() and (films["y_pred"] == predicted).all()
+        assert list(films["score"]) == sorted(films["score"], reverse=not ascending)
+
+
+def test_write_gallery_with_gradcam_fallback(tmp_path, monkeypatch):
+    keras = pytest.importorskip("keras")
+    import tensorflow as tf
+
+    from physis.plugins import ModelConfig, ModelSpec, Plugin
+
+    predictions = evaluate.predictions_table(synthetic_scores(), evaluate.Threshold(0.5, "youden"))
+    predictions_path = tmp_path / "predictions.parquet"
+    predictions.to_parquet(predictions_path)
+    preset = tmp_path / "preset"
+    preset.mkdir()
+    pd.DataFrame({"image_id": predictions["image_id"], "path": "unused.png"}).to_parquet(preset / "index.parquet")
+    pd.DataFrame({"image_id": [predictions["image_id"].iloc[1]], "class": ["fracture"], "x": [4.0], "y": [4.0],
+                  "w": [8.0], "h": [6.0]}).to_parquet(preset / "boxes.parquet")
+    spec = ModelSpec(kind="classifier", framework="keras", preset="preset")
+    cfg = ModelConfig("toy", spec, (24, 24, 1), {})
+    model = keras.Sequential([keras.Input((24, 24, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    plugin = Plugin("toy", types.SimpleNamespace(SPEC=spec), "test")
+    fake_inference = types.SimpleNamespace(load_trained=lambda model_dir: (plugin, model, cfg))
+    seen = {}
+
+    def image_dataset(frame, channels, batch, training, seed):
+        seen["rows"] = len(frame)
+        images = np.random.default_rng(0).random((len(frame), 24, 24, channels)).astype("float32")
+        return tf.data.Dataset.from_tensor_slices((images, frame["label"].to_numpy())).batch(batch)
+
+    fake_pipeline = types.SimpleNamespace(image_dataset=image_dataset)
+    # `from physis import x` reads the package attribute first, so replace both places
+    import physis
+
+    for name, fake in (("inference", fake_inference), ("pipeline", fake_pipeline)):
+        monkeypatch.setitem(sys.modules, f"physis.{name}", fake)
+        monkeypatch.setattr(physis, name, fake, raising=False)
+    output = tmp_path / "gallery.png"
+    evaluate.write_gallery(predictions_path, tmp_path, preset, output, 2, "toy")
+    assert output.read_bytes()[:4] == b"\x89PNG" and seen["rows"] <= 2

@@ -1,0 +1,136 @@
+"""The train stage on the tiny phantom: determinism, resume after a kill, outputs, predict."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_config
+
+from physis import preprocess
+from physis.convert import convert
+
+PRESET = {"height": 128, "width": 64}
+
+
+@pytest.fixture(scope="module")
+def prepared(phantom_root, tmp_path_factory):
+    """Tiny phantom → convert → preprocess once; tests train into their own results folders."""
+    base = tmp_path_factory.mktemp("prepared")
+    cfg = make_config(phantom_root, base, preprocess={"presets": {"tiny": PRESET}})
+    convert(cfg, base / "data")
+    params = cfg["preprocess"]["presets"]["tiny"]
+    manifest = pd.read_parquet(base / "data" / "manifest.parquet")
+    preprocess.run(manifest, pd.read_parquet(base / "data" / "boxes.parquet"), "tiny", params,
+                   base / "preprocess" / "tiny", figure_films=1)
+    return phantom_root, base
+
+
+def model_config(prepared, results: Path, epochs: int, model="custom_cnn") -> Path:
+    """A config file whose results folder links to the shared data and preprocess outputs."""
+    phantom_root, base = prepared
+    results.mkdir(parents=True, exist_ok=True)
+    for part in ("data", "preprocess"):
+        (results / part).symlink_to(base / part)
+    cfg = make_config(phantom_root, results, preprocess={"presets": {"tiny": PRESET}},
+                      models={model: {"preset": "tiny", "params": {"epochs": epochs, "batch_size": 8}}})
+    path = results / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def train_process(config: Path, model="custom_cnn", log: Path | None = None) -> subprocess.Popen:
+    code = ("import json, sys; from physis import logs; from physis.train import train_model; "
+            f"logs.setup({str(log)!r} if {log is not None} else None); "
+            f"train_model({model!r}, json.load(open({str(config)!r})), threads=1)")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def train(config: Path, model="custom_cnn", log: Path | None = None) -> str:
+    process = train_process(config, model, log)
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def predictions(results: Path, model="custom_cnn") -> pd.DataFrame:
+    from physis.inference import predict_frame
+
+    manifest = pd.read_parquet(results / "data" / "manifest.parquet")
+    return predict_frame(results / "models" / model, manifest, results / "preprocess" / "tiny")
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_predictions(prepared, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    train(model_config(prepared, first, epochs=2))
+    train(model_config(prepared, second, epochs=2))
+    a, b = predictions(first), predictions(second)
+    assert len(a) and set(a["split"]) == {"val", "test"}
+    np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy())
+    # the model folder holds everything the issue lists
+    folder = first / "models" / "custom_cnn"
+    for name in ("model.keras", "recipe.json", "params.json", "history.parquet", "train_summary.json"):
+        assert (folder / name).is_file(), name
+    assert any((folder / "tensorboard").rglob("events.out.tfevents.*"))
+    history = pd.read_parquet(folder / "history.parquet")
+    assert history["epoch"].tolist() == [1, 2]
+    assert {"loss", "val_loss", "auroc", "val_auroc", "accuracy", "val_accuracy"} <= set(history.columns)
+    summary = json.loads((folder / "train_summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["params"] > 0
+    assert json.loads((folder / "recipe.json").read_text())["preset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(prepared, tmp_path):
+    results = tmp_path / "run"
+    config = model_config(prepared, results, epochs=4)
+    folder = results / "models" / "custom_cnn"
+    process = train_process(config)
+    deadline = time.monotonic() + 600
+    while not (folder / "history.parquet").is_file():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.5)
+    time.sleep(0.5)  # let the epoch-1 callbacks finish writing
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = pd.read_parquet(folder / "history.parquet")
+    assert not (folder / "train_summary.json").exists()
+    done = int(first["epoch"].max())
+    assert done < 4, "training finished before it could be killed; make the test model slower"
+
+    log = tmp_path / "resume.log"
+    train(config, log=log)
+    text = log.read_text()
+    assert "resuming from checkpoint" in text
+    epochs_logged = [int(re.search(r"physis.train: epoch (\d+):", line).group(1)) for line in text.splitlines()
+                     if "physis.train: epoch " in line]
+    assert epochs_logged and min(epochs_logged) == done + 1, epochs_logged  # continued, not restarted
+    history = pd.read_parquet(folder / "history.parquet")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    pd.testing.assert_frame_equal(history[history.epoch <= done].reset_index(drop=True), first)
+    assert json.loads((folder / "train_summary.json").read_text())["epochs_run"] == 4
+
+
+@pytest.mark.slow
+def test_predict_cli_replays_the_recipe(prepared, tmp_path):
+    results = tmp_path / "cli"
+    train(model_config(prepared, results, epochs=1))
+    manifest = pd.read_parquet(results / "data" / "manifest.parquet")
+    film = manifest[manifest.split == "test"].iloc[0]
+    out = subprocess.run([str(Path(sys.executable).parent / "physis"), "predict", film.path, "--model",
+                          str(results / "models" / "custom_cnn"), "--json"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    score = json.loads(out.stdout.strip().splitlines()[-1])["fracture_probability"]
+    expected = predictions(results).set_index("image_id").loc[film.image_id, "score"]
+    assert score == pytest.approx(expected, abs=2e-3)  # same preprocessing → same score (PNG rounding only)

@@ -1,0 +1,340 @@
+"""The evaluate stage: one model's scores → thresholded predictions, metric tables and figures.
+
+The operating threshold is chosen on the **validation** split only (Youden's J or a target
+sensitivity) and applied unchanged to the test split. Every metric carries a CI (95% by default) from a
+bootstrap that resamples **patients** (:func:`physis.stats.cluster_weights`), seeded per table
+row so results do not depend on evaluation order. Test-split subgroups: Salter-Harris type
+(sensitivity only, since a type exists only among positives), age band, sex and view; a
+subgroup with fewer positive patients than ``min_positive_patients`` is reported with its n and
+flagged as too rare to interpret.
+
+Also here: the per-model training report (curves + model card) and the gallery of explained
+test films, because both belong to one model's evaluation in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from physis import figures, metrics, stats
+from physis.io import write_parquet
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "y_pred", "sh_type", "age", "sex",
+                      "view"]
+METRIC_COLUMNS = ["model", "split", "group", "subgroup", *metrics.ROW_COLUMNS]
+SPLITS = ("val", "test")
+SH_TYPES = {1: "SH I", 2: "SH II", 3: "SH III", 4: "SH IV"}
+GROUP_LABELS = {"overall": "All films", "sh_type": "Salter-Harris type", "age": "Age band", "sex": "Sex",
+                "view": "View"}
+
+
+class EvaluateError(ValueError):
+    """Inputs the evaluate stage cannot use (the message names the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The operating threshold, how it was chosen, and why a fallback was used (if it was)."""
+
+    value: float
+    rule: str
+    note: str = ""
+
+
+def pick_threshold(scores: pd.DataFrame, cfg: dict) -> Threshold:
+    """Threshold from the validation films; the configured fallback when validation has one class."""
+    rule = cfg["threshold"]["rule"]
+    val = scores[scores["split"] == "val"]
+    try:
+        value = metrics.choose_threshold(val["y_true"], val["score"], rule, cfg["threshold"]["target_sensitivity"],
+                                         split="val")
+    except metrics.MetricError as err:
+        fallback = cfg["threshold"]["fallback"]
+        log.warning("%s; using the fixed fallback threshold %.3f", err, fallback)
+        return Threshold(fallback, "fallback", f"{err}; fixed threshold {fallback} used instead")
+    return Threshold(value, rule)
+
+
+def predictions_table(scores: pd.DataFrame, threshold: Threshold) -> pd.DataFrame:
+    """The prediction table: scores plus ``y_pred`` (score ≥ threshold), in the contract's columns."""
+    missing = sorted(set(PREDICTION_COLUMNS) - {"y_pred"} - set(scores.columns))
+    if missing:
+        raise EvaluateError(f"scores table lacks column(s) {', '.join(missing)}")
+    out = scores.assign(y_pred=(scores["score"] >= threshold.value).astype(int))
+    return out[PREDICTION_COLUMNS].reset_index(drop=True)
+
+
+def _weights(frame: pd.DataFrame, cfg: dict, *key: str) -> np.ndarray:
+    """Patient-bootstrap weights for one table cell, seeded by the configured seed and the cell's key."""
+    if frame.empty:
+        return np.zeros((0, 0), dtype=int)
+    seed = np.random.SeedSequence([cfg["seed"], zlib.crc32("/".join(key).encode())])
+    return stats.cluster_weights(frame["patient_id"], cfg["bootstrap"], seed)
+
+
+def age_bands(age: pd.Series, edges: list[float]) -> pd.Series:
+    """Age in years → ordered band labels such as ``"10–14 y"`` (left-closed); missing → ``"unknown"``."""
+    labels = [f"{lo:g}–{hi:g} y" for lo, hi in zip(edges[:-1], edges[1:])]
+    bands = pd.cut(age, bins=edges, right=False, labels=labels).cat.add_categories("unknown")
+    return bands.fillna("unknown")
+
+
+def subgroups(test: pd.DataFrame, cfg: dict) -> Iterator[tuple[str, str, pd.DataFrame, list[str]]]:
+    """(group, subgroup, films, metric names) for every test subgroup, in report order."""
+    positives = test[test["y_true"] == 1]
+    for code, label in SH_TYPES.items():
+        yield "sh_type", label, positives[positives["sh_type"] == code], ["sensitivity"]
+    columns = {"age": age_bands(test["age"], cfg["age_bands"]),
+               "sex": test["sex"].fillna("unknown").astype("category"),
+               "view": test["view"].fillna("unknown").astype("category")}
+    for group, levels in columns.items():
+        for level in levels.cat.categories:
+            if (levels == level).any():
+                yield group, str(level), test[levels == level], list(cfg["subgroup_metrics"])
+
+
+def _rare_note(rows: pd.DataFrame, frame: pd.DataFrame, minimum: int) -> pd.Series:
+    """Add the too-rare flag to the notes of a subgroup with few positive patients."""
+    positive_patients = frame.loc[frame["y_true"] == 1, "patient_id"].nunique()
+    if positive_patients >= minimum:
+        return rows["note"]
+    flag = f"too rare: {positive_patients} positive patient(s) < {minimum}; do not interpret"
+    return rows["note"].map(lambda note: f"{flag}; {note}" if note else flag)
+
+
+def metric_table(predictions: pd.DataFrame, threshold: Threshold, cfg: dict, model: str) -> pd.DataFrame:
+    """Long metric table: overall val and test metrics, test subgroups, and the threshold row."""
+    options = {"level": cfg["ci_level"], "max_skipped": cfg["max_skipped"], "ece_bins": cfg["ece_bins"]}
+    parts = []
+    for split in SPLITS:
+        films = predictions[predictions["split"] == split]
+        if films["y_true"].nunique() < 2:
+            log.warning("%s: the %s split has %s: metrics that need both classes are reported as undefined",
+                        model, split, "no films" if films.empty else f"only class {films['y_true'].iloc[0]}")
+        rows = metrics.score_rows(films, _weights(films, cfg, split, "overall"), **options)
+        parts.append(rows.assign(split=split, group="overall", subgroup="all"))
+    test = predictions[predictions["split"] == "test"]
+    for group, level, films, names in subgroups(test, cfg):
+        rows = metrics.score_rows(films, _weights(films, cfg, "test", group, level), names, **options)
+        rows["note"] = _rare_note(rows, films, cfg["min_positive_patients"])
+        parts.append(rows.assign(split="test", group=group, subgroup=level))
+    val = predictions[predictions["split"] == "val"]
+    parts.append(pd.DataFrame([{
+        "metric": "threshold", "value": threshold.value, "split": "val", "group": "overall", "subgroup": "all",
+        "n": len(val), "n_patients": val["patient_id"].nunique(), "n_positive": int(val["y_true"].sum()),
+        "replicates": 0, "skipped": 0,
+        "note": threshold.note or f"chosen on the validation split by rule '{threshold.rule}'"}]))
+    table = pd.concat(parts, ignore_index=True).assign(model=model)
+    return table[METRIC_COLUMNS]
+
+
+def overall_html(table: pd.DataFrame, threshold: Threshold, path: str | Path, model: str, ci: str) -> None:
+    """Overall metrics, validation next to test, as an HTML table for the report (``ci``: "95% CI")."""
+    overall = table[(table["group"] == "overall") & (table["metric"] != "threshold")]
+    frame = pd.DataFrame({"Metric": [metrics.METRICS[m] for m in metrics.METRICS]})
+    for split, label in (("val", "Validation"), ("test", "Test")):
+        rows = overall[overall["split"] == split].set_index("metric").reindex(list(metrics.METRICS))
+        frame[f"{label} ({ci})"] = [figures.format_ci(r.value, r.ci_low, r.ci_high) for r in rows.itertuples()]
+        frame[f"{label} note"] = rows["note"].fillna("").to_numpy()
+    counts = overall.groupby("split")[["n", "n_patients", "n_positive"]].first()
+    intro = (f"Threshold {threshold.value:.3f} ({threshold.rule}), chosen on the validation split and applied "
+             "unchanged to test. " + "; ".join(
+                 f"{s}: {int(c.n)} films, {int(c.n_patients)} patients, {int(c.n_positive)} positive films"
+                 for s, c in counts.iterrows()) + ".")
+    notes = [threshold.note] if threshold.note else []
+    notes.append(f"{ci}s: percentile bootstrap resampling patients, not films.")
+    figures.write_html_table(frame, path, f"{model}: metrics", intro, notes)
+
+
+def subgroup_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Test subgroup rows (one per subgroup and metric) with the labels the report shows."""
+    rows = table[(table["split"] == "test") & (table["group"] != "overall")].copy()
+    rows["Group"] = rows["group"].map(GROUP_LABELS)
+    rows["Metric"] = rows["metric"].map(metrics.METRICS)
+    return rows
+
+
+def subgroup_html(table: pd.DataFrame, path: str | Path, model: str, ci: str) -> None:
+    """Test-split subgroup metrics as an HTML table."""
+    rows = subgroup_rows(table)
+    frame = pd.DataFrame({
+        "Group": rows["Group"], "Subgroup": rows["subgroup"], "Metric": rows["Metric"],
+        f"Value ({ci})": [figures.format_ci(r.value, r.ci_low, r.ci_high) for r in rows.itertuples()],
+        "Films": rows["n"], "Patients": rows["n_patients"], "Positive films": rows["n_positive"],
+        "Note": rows["note"]})
+    figures.write_html_table(frame, path, f"{model}: test subgroups", "Salter-Harris rows give the share of "
+                             "positive films of that type the model detected (sensitivity).")
+
+
+def subgroup_figure(table: pd.DataFrame, path: str | Path, model: str, ci: str) -> None:
+    """Forest plot of test sensitivity and specificity per subgroup; too-rare subgroups in grey."""
+    rows = subgroup_rows(table)
+    rows = rows[rows["metric"].isin(["sensitivity", "specificity"])]
+    forest = pd.DataFrame({
+        "label": rows["Group"] + ": " + rows["subgroup"] + " · " + rows["Metric"],
+        "value": rows["value"].to_numpy(float), "low": rows["ci_low"].to_numpy(float),
+        "high": rows["ci_high"].to_numpy(float),
+        "annotation": [f"n={r.n} films, {r.n_positive} pos" for r in rows.itertuples()],
+        "flagged": rows["note"].str.startswith("too rare").to_numpy()})
+    figures.forest_figure(forest, path, f"{model}: test sensitivity / specificity by subgroup ({ci})",
+                          "Sensitivity or specificity (grey: too few positive patients)")
+
+
+def _describe(films: pd.DataFrame, label: str, stat: pd.Series, stat_name: str) -> str:
+    text = f"{label}: {len(films)} films, {films['patient_id'].nunique()} patients, {int(films['y_true'].sum())} pos"
+    if not np.isnan(stat["value"]):
+        text += f",\n{stat_name} {figures.format_ci(stat['value'], stat['ci_low'], stat['ci_high'])}"
+    return text
+
+
+def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, threshold: Threshold, cfg: dict,
+                       outputs: Mapping[str, str], model: str, ci: str) -> None:
+    """ROC and PR curves with bands, calibration, confusion matrix and subgroup forest for one model."""
+    test = predictions[predictions["split"] == "test"]
+    val = predictions[predictions["split"] == "val"]
+    overall = table[(table["group"] == "overall")].set_index(["split", "metric"])
+    test_weights = _weights(test, cfg, "test", "overall")
+    sens, spec, ppv = (overall.loc[("test", m), "value"] for m in ("sensitivity", "specificity", "ppv"))
+    operating = f"test at threshold {threshold.value:.3f} ({threshold.rule})"
+    for kind, summary, stat_name, point in (("roc", "auroc", "AUROC", (1 - spec, sens)),
+                                            ("pr", "average_precision", "AP", (sens, ppv))):
+        curves = []
+        for films, split, label, weights in ((test, "test", f"test ({ci} band)", test_weights),
+                                             (val, "val", "validation", np.zeros((0, len(val)), dtype=int))):
+            if films["y_true"].nunique() == 2:
+                curve = metrics.curve(kind, films["y_true"], films["score"], weights, cfg["ci_level"],
+                                      cfg["max_skipped"])
+                curves.append((_describe(films, label, overall.loc[(split, summary)], stat_name), curve))
+        points = [] if np.isnan(sens) else [(operating, *point)]
+        name = "ROC" if kind == "roc" else "Precision–recall"
+        figures.curve_figure(kind, curves, outputs[kind], f"{model}: {name} curve", points)
+    ece, brier = overall.loc[("test", "ece"), "value"], overall.loc[("test", "brier"), "value"]
+    figures.calibration_figure(test["y_true"].to_numpy(), test["score"].to_numpy(), cfg["ece_bins"],
+                               outputs["calibration"], f"{model}: calibration on test",
+                               f"Brier {brier:.3f}, ECE {ece:.3f} ({cfg['ece_bins']} equal-width bins)")
+    figures.confusion_figure(test["y_true"].to_numpy(), test["y_pred"].to_numpy(), outputs["confusion"],
+                             f"{model}: test, threshold {threshold.value:.3f}")
+    subgroup_figure(table, outputs["subgroups"], model, ci)
+
+
+def evaluate_model(scores_path: str | Path, outputs: Mapping[str, str], cfg: dict, model: str) -> pd.DataFrame:
+    """Run the whole stage for one model; write predictions, metrics (parquet + HTML) and figures."""
+    scores = pd.read_parquet(scores_path)
+    threshold = pick_threshold(scores, cfg)
+    predictions = predictions_table(scores, threshold)
+    table = metric_table(predictions, threshold, cfg, model)
+    write_parquet(predictions, outputs["predictions"])
+    write_parquet(table, outputs["metrics"])
+    ci = figures.ci_name(cfg["ci_level"])
+    overall_html(table, threshold, outputs["metrics_html"], model, ci)
+    subgroup_html(table, outputs["subgroups_html"], model, ci)
+    evaluation_figures(predictions, table, threshold, cfg, outputs, model, ci)
+    headline = table[(table["split"] == "test") & (table["group"] == "overall")].set_index("metric")
+    log.info("%s test: %s", model, ", ".join(
+        f"{name} {figures.format_ci(r.value, r.ci_low, r.ci_high)}" for name, r in headline.iterrows()))
+    return table
+
+
+def training_report(model_dir: str | Path, outputs: Mapping[str, str], model: str) -> None:
+    """Training curves from ``history.parquet`` and a model card (plugin, preprocessing, parameters)."""
+    model_dir = Path(model_dir)
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    history_path = model_dir / "history.parquet"
+    history = pd.read_parquet(history_path) if history_path.is_file() else pd.DataFrame({"epoch": []})
+    figures.training_figure(history, outputs["curves"], f"{model}: training curves", summary.get("best_epoch"))
+    card = [("Model", model)] + [(key.replace("_", " "), summary[key]) for key in sorted(summary) if key != "model"]
+    for name, section in (("params.json", "run"), ("recipe.json", "preprocessing")):
+        path = model_dir / name
+        if path.is_file():
+            values = _flatten(json.loads(path.read_text()))
+            card += [(f"{section}: {key}", value) for key, value in sorted(values.items())]
+    frame = pd.DataFrame(card, columns=["Field", "Value"]).astype(str)
+    figures.write_html_table(frame, outputs["card"], f"{model}: model card",
+                             "How this model was built and trained: the plugin's metadata, the preprocessing "
+                             "recipe its inputs went through, the resolved hyper-parameters and the run.")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+GALLERY_ROWS = {"True positives": (1, 1, False), "False positives": (0, 1, False), "False negatives": (1, 0, True)}
+
+
+def gallery_selection(predictions: pd.DataFrame, per_row: int) -> dict[str, pd.DataFrame]:
+    """Test films to show: the most confident true positives, false positives and missed fractures.
+
+    One film per patient per row, so a row shows different children.
+    """
+    test = predictions[predictions["split"] == "test"]
+    chosen = {}
+    for name, (truth, predicted, ascending) in GALLERY_ROWS.items():
+        films = test[(test["y_true"] == truth) & (test["y_pred"] == predicted)]
+        films = films.sort_values(["score", "image_id"], ascending=[ascending, True])
+        chosen[name] = films.drop_duplicates("patient_id").head(per_row)
+    return chosen
+
+
+def _caption(row) -> str:
+    finding = SH_TYPES.get(row.sh_type, "fracture") if row.y_true == 1 and not pd.isna(row.sh_type) else (
+        "fracture" if row.y_true == 1 else "no fracture")
+    age = "" if pd.isna(row.age) else f"{row.age:.0f} y "
+    return f"score {row.score:.2f} · {finding}\n{age}{row.sex} · {row.view}"
+
+
+def write_gallery(predictions_path: str | Path, model_dir: str | Path, preset_dir: str | Path,
+                  output: str | Path, per_row: int, model: str) -> None:
+    """Draw the gallery: chosen test films with the plugin's explanation and the reference boxes.
+
+    The plugin's ``explain`` hook is used when it has one; Keras classifiers without one get the
+    generic Grad-CAM of :mod:`physis.explain`; other plugins are shown without an overlay.
+    """
+    from physis import inference, pipeline
+    from physis.explain import explainer
+
+    predictions = pd.read_parquet(predictions_path)
+    chosen = gallery_selection(predictions, per_row)
+    plugin, network, model_cfg = inference.load_trained(model_dir)
+    explain, how = explainer(plugin, model_cfg)
+    preset_dir = Path(preset_dir)
+    index = pd.read_parquet(preset_dir / "index.parquet")[["image_id", "path"]]
+    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    rows = []
+    for name, films in chosen.items():
+        if films.empty:
+            rows.append((f"{name} (0)", []))
+            continue
+        frame = films.merge(index, on="image_id", how="left").assign(label=films["y_true"].to_numpy())
+        if frame["path"].isna().any():
+            raise EvaluateError(f"{preset_dir}/index.parquet lacks preprocessed films for {model}'s predictions")
+        images = pipeline.image_dataset(frame, model_cfg.spec.channels, 1, training=False, seed=model_cfg.seed)
+        panels = []
+        for row, (image, _) in zip(frame.itertuples(), images):
+            pixels = np.asarray(image[0])
+            explanation = explain(network, pixels, model_cfg) if explain else None
+            panels.append(figures.Film(
+                image=pixels[..., 0], caption=_caption(row),
+                heatmap=None if explanation is None else explanation.heatmap,
+                pred_boxes=None if explanation is None else explanation.boxes,
+                true_boxes=boxes[boxes["image_id"] == row.image_id]))
+        rows.append((f"{name} ({len(films)})", panels))
+    legend = (f"Overlay: {how} (warmer = more influence on the score). Green: reference fracture box; "
+              "dotted: other annotated objects; orange dashed: predicted boxes with scores.")
+    figures.film_grid(rows, output, f"{model}: test films at the validation-chosen threshold", legend)

@@ -1,0 +1,200 @@
+"""Binary classification metrics, the operating threshold, and their patient-bootstrap CIs.
+
+AUROC, average precision, Cohen's κ and the Brier score come from scikit-learn; sensitivity,
+specificity, PPV, NPV, accuracy and F1 are ratios of the confusion matrix (tested against
+scikit-learn's functions); the expected calibration error, which scikit-learn lacks, is written
+here. All accept bootstrap weights (``sample_weight``),
+so the point estimate and each bootstrap replicate go through the same code.
+
+A metric that is undefined on a sample (AUROC without positives, PPV without predicted positives
+…) is NaN with a reason, never an exception: a split with one class yields a table whose other
+metrics are still filled and whose ``note`` column says what is missing and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn import metrics as skm
+
+from physis.stats import percentile_interval
+
+#: metric name -> label used in tables and figures (order = report order).
+METRICS: dict[str, str] = {
+    "accuracy": "Accuracy",
+    "kappa": "Cohen's κ",
+    "auroc": "AUROC",
+    "average_precision": "Average precision",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "f1": "F1",
+    "brier": "Brier score",
+    "ece": "ECE",
+}
+
+#: what a metric needs from a sample (weighted counts) to be defined.
+_NEEDS = {
+    "auroc": ("positives", "negatives"), "average_precision": ("positives", "negatives"),
+    "kappa": ("positives", "negatives"), "sensitivity": ("positives",), "f1": ("positives",),
+    "specificity": ("negatives",), "ppv": ("predicted positives",), "npv": ("predicted negatives",),
+}
+
+ROW_COLUMNS = ["metric", "value", "ci_low", "ci_high", "n", "n_patients", "n_positive", "replicates",
+               "skipped", "note"]
+
+
+class MetricError(ValueError):
+    """A metric that cannot be computed on a split; the message names the split and the reason."""
+
+
+def _counts(y: np.ndarray, pred: np.ndarray, weight: np.ndarray | None) -> dict[str, float]:
+    """The weighted 2×2 confusion matrix (a bincount: sklearn's validation overhead would dominate
+    the bootstrap, which calls this once per replicate and table row)."""
+    tn, fp, fn, tp = np.bincount(2 * y + pred, weights=weight, minlength=4)
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "positives": tp + fn, "negatives": tn + fp,
+            "predicted positives": tp + fp, "predicted negatives": tn + fn}
+
+
+def undefined_reason(name: str, counts: dict[str, float]) -> str | None:
+    """Why ``name`` is undefined for a sample with these confusion counts (None: it is defined)."""
+    missing = [need for need in _NEEDS.get(name, ()) if counts[need] == 0]
+    return f"no {' and no '.join(missing)}" if missing else None
+
+
+def expected_calibration_error(y_true: ArrayLike, score: ArrayLike, bins: int = 10,
+                               sample_weight: ArrayLike | None = None) -> float:
+    """ECE with equal-width bins on [0, 1]: Σ_b (n_b / n) · |mean(y)_b − mean(score)_b|."""
+    y = np.asarray(y_true, dtype=float)
+    s = np.asarray(score, dtype=float)
+    w = np.ones_like(s) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    index = np.clip((s * bins).astype(int), 0, bins - 1)
+    gap_per_bin = np.bincount(index, weights=w * (y - s), minlength=bins)
+    return float(np.abs(gap_per_bin).sum() / w.sum())
+
+
+def compute(y_true: ArrayLike, score: ArrayLike, y_pred: ArrayLike, names: Sequence[str] = tuple(METRICS),
+            sample_weight: ArrayLike | None = None, ece_bins: int = 10) -> dict[str, float]:
+    """The requested metrics of one (weighted) sample; NaN where a metric is undefined."""
+    y, s, p = np.asarray(y_true, dtype=int), np.asarray(score, dtype=float), np.asarray(y_pred, dtype=int)
+    if len(y) == 0:
+        return dict.fromkeys(names, np.nan)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    c = _counts(y, p, w)
+    n = c["positives"] + c["negatives"]
+    ratio = {
+        "accuracy": lambda: (c["tp"] + c["tn"]) / n,
+        "sensitivity": lambda: c["tp"] / c["positives"],
+        "specificity": lambda: c["tn"] / c["negatives"],
+        "ppv": lambda: c["tp"] / c["predicted positives"],
+        "npv": lambda: c["tn"] / c["predicted negatives"],
+        "f1": lambda: 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]),
+        "auroc": lambda: skm.roc_auc_score(y, s, sample_weight=w),
+        "average_precision": lambda: skm.average_precision_score(y, s, sample_weight=w),
+        "kappa": lambda: skm.cohen_kappa_score(y, p, sample_weight=w),
+        "brier": lambda: skm.brier_score_loss(y, s, sample_weight=w, pos_label=1),
+        "ece": lambda: expected_calibration_error(y, s, ece_bins, w),
+    }
+    return {name: float(ratio[name]()) if undefined_reason(name, c) is None else np.nan for name in names}
+
+
+def choose_threshold(y_true: ArrayLike, score: ArrayLike, rule: str = "youden",
+                     target_sensitivity: float = 0.9, split: str = "val") -> float:
+    """Operating threshold (a film is positive when score ≥ threshold) chosen on one split.
+
+    ``youden``: maximises sensitivity + specificity − 1 on the ROC curve. ``sensitivity``: the
+    highest threshold whose sensitivity reaches ``target_sensitivity`` (the most specific
+    operating point that still meets the target).
+    """
+    y = np.asarray(y_true, dtype=int)
+    if y.min(initial=1) == y.max(initial=0):
+        only = "positive" if len(y) and y[0] == 1 else "negative"
+        raise MetricError(f"{split} split has only {only} films (n={len(y)}): cannot choose a threshold")
+    fpr, tpr, thresholds = skm.roc_curve(y, score, drop_intermediate=False)
+    if rule == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif rule == "sensitivity":
+        best = int(np.argmax(tpr >= target_sensitivity))
+    else:
+        raise MetricError(f"unknown threshold rule {rule!r} (youden or sensitivity)")
+    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf ("call nothing positive")
+
+
+def score_rows(frame: pd.DataFrame, weights: np.ndarray, names: Sequence[str] = tuple(METRICS),
+               level: float = 0.95, max_skipped: float = 0.1, ece_bins: int = 10) -> pd.DataFrame:
+    """Point estimate and bootstrap CI of each metric on ``frame`` (y_true, score, y_pred, patient_id).
+
+    ``weights`` are the bootstrap multiplicities (:func:`physis.stats.cluster_weights`) over the
+    rows of ``frame``. One row per metric, columns :data:`ROW_COLUMNS`.
+    """
+    y, s, p = frame["y_true"].to_numpy(int), frame["score"].to_numpy(float), frame["y_pred"].to_numpy(int)
+    point = compute(y, s, p, names, ece_bins=ece_bins)
+    counts = _counts(y, p, None) if len(frame) else None
+    replicates = np.full((len(weights), len(names)), np.nan)
+    for b, w in enumerate(weights):
+        keep = w > 0
+        replicates[b] = list(compute(y[keep], s[keep], p[keep], names, w[keep], ece_bins).values())
+    rows = []
+    for j, name in enumerate(names):
+        reason = "no films" if counts is None else undefined_reason(name, counts)
+        interval = percentile_interval(replicates[:, j], level, max_skipped)
+        note = f"undefined: {reason}" if reason else interval.note
+        rows.append({"metric": name, "value": point[name], "ci_low": interval.low, "ci_high": interval.high,
+                     "n": len(frame), "n_patients": frame["patient_id"].nunique(), "n_positive": int(y.sum()),
+                     "replicates": interval.replicates, "skipped": interval.skipped, "note": note})
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A ROC or precision-recall curve with a pointwise bootstrap band on a fixed grid.
+
+    ROC: ``x`` = false-positive rate, ``y`` = sensitivity. PR: ``x`` = recall, ``y`` = precision
+    (interpolated: the best precision at recall ≥ x, as in average-precision plots).
+    """
+
+    kind: str  # "roc" or "pr"
+    x: np.ndarray
+    y: np.ndarray
+    grid: np.ndarray
+    low: np.ndarray  # NaN when the band is withheld (too few scorable replicates)
+    high: np.ndarray
+
+
+GRID = np.linspace(0, 1, 101)
+
+
+def _on_grid(kind: str, y: np.ndarray, s: np.ndarray,
+             w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The curve's points and its values on :data:`GRID`."""
+    if kind == "roc":
+        fpr, tpr, _ = skm.roc_curve(y, s, sample_weight=w)
+        return fpr, tpr, np.interp(GRID, fpr, tpr)
+    precision, recall, _ = skm.precision_recall_curve(y, s, sample_weight=w)
+    recall, precision = recall[::-1], precision[::-1]  # recall ascending
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at recall >= r
+    index = np.minimum(np.searchsorted(recall, GRID, side="left"), len(recall) - 1)
+    return recall, envelope, envelope[index]
+
+
+def curve(kind: str, y_true: ArrayLike, score: ArrayLike, weights: np.ndarray, level: float = 0.95,
+          max_skipped: float = 0.1) -> Curve:
+    """The ``kind`` ("roc"/"pr") curve of one split with a percentile band over bootstrap ``weights``."""
+    y, s = np.asarray(y_true, dtype=int), np.asarray(score, dtype=float)
+    x, y_curve, _ = _on_grid(kind, y, s, None)
+    replicates = []
+    for w in weights:
+        keep = w > 0
+        if 0 < (y[keep] * w[keep]).sum() < w[keep].sum():
+            replicates.append(_on_grid(kind, y[keep], s[keep], w[keep])[2])
+    tail = (1 - level) / 2 * 100
+    if len(weights) == 0 or len(replicates) < (1 - max_skipped) * len(weights):
+        low = high = np.full_like(GRID, np.nan)
+    else:
+        low, high = np.percentile(np.array(replicates), [tail, 100 - tail], axis=0)
+    return Curve(kind, x, y_curve, GRID, low, high)

@@ -1,0 +1,128 @@
+rule predict:
+    input:
+        summary=f"{RESULTS}/models/{{model}}/train_summary.json",
+        manifest=f"{DATA}/manifest.parquet",
+        index=lambda w: f"{RESULTS}/preprocess/{model_preset(w.model)}/index.parquet",
+    output:
+        f"{RESULTS}/scores/{{model}}.parquet",
+    log:
+        f"{LOGS}/predict/{{model}}.log",
+    benchmark:
+        f"{BENCH}/predict/{{model}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: train_resources(w.model)["mem_mb"],
+    conda:
+        "../../envs/physis.yaml"
+    script:
+        "../scripts/predict.py"
+
+
+rule evaluate:
+    input:
+        scores=f"{RESULTS}/scores/{{model}}.parquet",
+        summary=f"{RESULTS}/models/{{model}}/train_summary.json",
+    output:
+        predictions=f"{RESULTS}/predictions/{{model}}.parquet",
+        metrics=f"{RESULTS}/metrics/{{model}}.parquet",
+        metrics_html=report(
+            f"{RESULTS}/figures/{{model}}/metrics.html",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "metrics table"},
+        ),
+        subgroups_html=report(
+            f"{RESULTS}/figures/{{model}}/subgroups.html",
+            caption="../report/subgroups_table.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "subgroup table"},
+        ),
+        roc=report(
+            f"{RESULTS}/figures/{{model}}/roc.png",
+            caption="../report/roc.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "ROC curve"},
+        ),
+        pr=report(
+            f"{RESULTS}/figures/{{model}}/pr.png",
+            caption="../report/pr.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "precision-recall curve"},
+        ),
+        calibration=report(
+            f"{RESULTS}/figures/{{model}}/calibration.png",
+            caption="../report/calibration.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "calibration"},
+        ),
+        confusion=report(
+            f"{RESULTS}/figures/{{model}}/confusion.png",
+            caption="../report/confusion.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "confusion matrix"},
+        ),
+        subgroups=report(
+            f"{RESULTS}/figures/{{model}}/subgroups.png",
+            caption="../report/subgroups.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "subgroups"},
+        ),
+        curves=report(
+            f"{RESULTS}/figures/{{model}}/training.png",
+            caption="../report/training.rst",
+            category="Training",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "training curves"},
+        ),
+        card=report(
+            f"{RESULTS}/figures/{{model}}/model_card.html",
+            caption="../report/model_card.rst",
+            category="Training",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "model card"},
+        ),
+    params:
+        evaluate=config["evaluate"],
+    log:
+        f"{LOGS}/evaluate/{{model}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{model}}.tsv"
+    conda:
+        "../../envs/physis.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule gallery:
+    input:
+        predictions=f"{RESULTS}/predictions/{{model}}.parquet",
+        summary=f"{RESULTS}/models/{{model}}/train_summary.json",
+        index=lambda w: f"{RESULTS}/preprocess/{model_preset(w.model)}/index.parquet",
+    output:
+        report(
+            f"{RESULTS}/figures/{{model}}/gallery.png",
+            caption="../report/gallery.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "gallery"},
+        ),
+    params:
+        films=config["evaluate"]["gallery_films"],
+    log:
+        f"{LOGS}/gallery/{{model}}.log",
+    benchmark:
+        f"{BENCH}/gallery/{{model}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda w: train_resources(w.model)["mem_mb"],
+    conda:
+        "../../envs/physis.yaml"
+    script:
+        "../scripts/gallery.py"
