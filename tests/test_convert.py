@@ -158,7 +158,7 @@ def test_empty_data_set_is_an_error(tmp_path):
     (root / "dataset.csv").write_text("filestem,patient_id\n")
     with pytest.raises(DataSourceError, match="missing column"):
         run(root, tmp_path)
-    from physis.sources.grazpedwri import CSV_COLUMNS
+    from physis.records import CSV_COLUMNS
 
     (root / "dataset.csv").write_text(",".join(CSV_COLUMNS) + "\n")
     with pytest.raises(ConvertError, match="no usable image"):

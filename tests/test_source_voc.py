@@ -11,7 +11,7 @@ from PIL import Image
 
 from physis.records import Box, ImageRecord, Rejected
 from physis.sources import DataSourceError
-from physis.sources.grazpedwri import CSV_COLUMNS
+from physis.records import CSV_COLUMNS
 from physis.sources.voc import read, voc_to_coco_bbox
 
 GRAZ_STEM = "0001_1297860395_01_WRI-L1_M014"

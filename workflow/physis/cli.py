@@ -59,7 +59,7 @@ def _phantom(args) -> int:
     from physis import phantom
 
     summary = phantom.generate(args.root, n_patients=args.patients, seed=args.seed,
-                               physeal_rate=args.physeal_rate, size_scale=args.size_scale)
+                               physeal_rate=args.physeal_rate, size_scale=args.size_scale, workers=args.workers)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--physeal-rate", type=float, default=0.3)
     p.add_argument("--size-scale", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=1, help="processes rendering films (same bytes either way)")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("convert", help="run the convert stage outside Snakemake")

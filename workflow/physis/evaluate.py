@@ -227,12 +227,21 @@ def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, threshold
     subgroup_figure(table, outputs["subgroups"], model, ci)
 
 
-def evaluate_model(scores_path: str | Path, outputs: Mapping[str, str], cfg: dict, model: str) -> pd.DataFrame:
-    """Run the whole stage for one model; write predictions, metrics (parquet + HTML) and figures."""
+def evaluate_model(scores_path: str | Path, outputs: Mapping[str, str], cfg: dict, model: str,
+                   detection_path: str | Path | None = None) -> pd.DataFrame:
+    """Run the whole stage for one model; write predictions, metrics (parquet + HTML) and figures.
+
+    ``detection_path``: the predict rule's COCO AP rows (empty for classifiers), added to the table.
+    """
     scores = pd.read_parquet(scores_path)
     threshold = pick_threshold(scores, cfg)
     predictions = predictions_table(scores, threshold)
     table = metric_table(predictions, threshold, cfg, model)
+    detection = pd.read_parquet(detection_path) if detection_path else pd.DataFrame()
+    if len(detection):
+        detection = detection.assign(model=model, group="overall", subgroup="all", replicates=0,
+                                     note="COCO AP of the fracture class (pycocotools); n = reference boxes")
+        table = pd.concat([table, detection], ignore_index=True)[METRIC_COLUMNS]
     write_parquet(predictions, outputs["predictions"])
     write_parquet(table, outputs["metrics"])
     ci = figures.ci_name(cfg["ci_level"])
@@ -338,3 +347,21 @@ def write_gallery(predictions_path: str | Path, model_dir: str | Path, preset_di
     legend = (f"Overlay: {how} (warmer = more influence on the score). Green: reference fracture box; "
               "dotted: other annotated objects; orange dashed: predicted boxes with scores.")
     figures.film_grid(rows, output, f"{model}: test films at the validation-chosen threshold", legend)
+
+
+def detection_metrics(pred_boxes: pd.DataFrame, true_boxes: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """COCO AP50 and AP50:95 of the fracture class per split (pycocotools), in the metrics layout.
+
+    ``pred_boxes``: a detector's raw boxes (image_id, split, x, y, w, h, score); ``true_boxes``:
+    the preset's boxes (same pixel frame); ``scores``: the evaluated films (image_id, split). No
+    confidence interval: the COCO protocol has none, so ci_low/ci_high stay empty.
+    """
+    from physis.detection import coco_ap
+
+    rows = []
+    for split, films in scores.groupby("split"):
+        result = coco_ap(pred_boxes[pred_boxes["split"] == split], true_boxes, films["image_id"])
+        for metric in ("ap50", "ap50_95"):
+            rows.append({"metric": metric, "split": split, "value": result[metric], "ci_low": np.nan,
+                         "ci_high": np.nan, "n": result["n_gt"]})
+    return pd.DataFrame(rows, columns=["metric", "split", "value", "ci_low", "ci_high", "n"])

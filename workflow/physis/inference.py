@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 
 from physis import plugins as registry
+from physis.detection import boxes_table
 from physis.plugins import ModelConfig, Plugin
 from physis.train import load_frames, load_model, predict_scores
 
 PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "sh_type", "age", "sex", "view"]
+BOX_COLUMNS = ["image_id", "split", "x", "y", "w", "h", "score"]
 
 
 def model_config(model_dir: str | Path) -> tuple[Plugin, ModelConfig]:
@@ -40,15 +42,35 @@ def load_trained(model_dir: str | Path):
 
 
 def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str | Path,
-                  splits: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
-    """Scores for the manifest's images of ``splits``: the prediction table of the evaluate stage."""
+                  splits: tuple[str, ...] = ("val", "test")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scores for the manifest's images of ``splits`` (the evaluate stage's input) and, for
+    plugins with a ``predict_boxes`` hook, their raw boxes (image_id, split, x, y, w, h, score in
+    preprocessed pixels; empty for classifiers).
+    """
     plugin, model, cfg = load_trained(model_dir)
     preset_dir = Path(preset_dir)
     frames = load_frames(manifest[manifest["split"].isin(splits)], preset_dir)
     frame = pd.concat([frames[s] for s in splits if s in frames], ignore_index=True)
-    scores = predict_scores(plugin, model, cfg, frame, pd.read_parquet(preset_dir / "boxes.parquet"), preset_dir)
+    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    scores = predict_scores(plugin, model, cfg, frame, boxes, preset_dir)
     out = frame.rename(columns={"label": "y_true"}).assign(score=scores)
-    return out[PREDICTION_COLUMNS]
+    return out[PREDICTION_COLUMNS], predicted_boxes(plugin, model, cfg, frame, boxes, preset_dir)
+
+
+def predicted_boxes(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame,
+                    preset_dir: Path) -> pd.DataFrame:
+    """The detector's boxes per film as one table (runs ``predict_boxes`` once over ``frame``)."""
+    hook = plugin.hook("predict_boxes")
+    if hook is None:
+        return pd.DataFrame(columns=BOX_COLUMNS)
+    from physis import pipeline
+    from physis.plugins import PredictData
+
+    images = pipeline.image_dataset(frame, cfg.spec.channels, 8, training=False, seed=cfg.seed).map(lambda x, y: x)
+    per_film = hook(model, PredictData(images, frame, boxes[boxes["image_id"].isin(frame["image_id"])], preset_dir),
+                    cfg)
+    table = boxes_table(list(frame["image_id"]), per_film)
+    return table.assign(split=table["image_id"].map(dict(zip(frame["image_id"], frame["split"]))))[BOX_COLUMNS]
 
 
 def predict_file(path: str | Path, model_dir: str | Path) -> float:

@@ -25,6 +25,16 @@ YOLO_CLASSES: tuple[str, ...] = (
 
 VIEWS = ("ap", "lat", "oblique", "unknown")
 
+#: GRAZPEDWRI-DX ``dataset.csv`` columns, in the release's order.
+CSV_COLUMNS: tuple[str, ...] = (
+    "filestem", "patient_id", "study_number", "timehash", "gender", "age", "laterality",
+    "projection", "initial_exam", "ao_classification", "cast", "diagnosis_uncertain",
+    "osteopenia", "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
+)
+
+#: Where the release keeps its YOLO label files, relative to the data set root.
+YOLO_LABEL_DIR = "folder_structure/yolov5/labels"
+
 
 @dataclass(frozen=True)
 class Box:

@@ -7,6 +7,7 @@ if config["dataset"]["phantom"]["enabled"]:
             phantom=config["dataset"]["phantom"],
         log:
             f"{LOGS}/phantom.log",
+        threads: 2
         conda:
             "../../envs/physis.yaml"
         script:

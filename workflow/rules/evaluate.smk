@@ -4,7 +4,11 @@ rule predict:
         manifest=f"{DATA}/manifest.parquet",
         index=lambda w: f"{RESULTS}/preprocess/{model_preset(w.model)}/index.parquet",
     output:
-        f"{RESULTS}/scores/{{model}}.parquet",
+        scores=f"{RESULTS}/scores/{{model}}.parquet",
+        boxes=f"{RESULTS}/predictions/{{model}}_boxes.parquet",
+        detection=f"{RESULTS}/metrics/{{model}}_detection.parquet",
+    params:
+        detects=lambda w: model_plugin(w.model).hook("predict_boxes") is not None,
     log:
         f"{LOGS}/predict/{{model}}.log",
     benchmark:
@@ -21,6 +25,7 @@ rule predict:
 rule evaluate:
     input:
         scores=f"{RESULTS}/scores/{{model}}.parquet",
+        detection=f"{RESULTS}/metrics/{{model}}_detection.parquet",
         summary=f"{RESULTS}/models/{{model}}/train_summary.json",
     output:
         predictions=f"{RESULTS}/predictions/{{model}}.parquet",

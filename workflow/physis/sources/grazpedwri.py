@@ -15,17 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from physis.images import ImageReadError, probe_image
-from physis.records import YOLO_CLASSES, Box, ImageRecord, Rejected
+from physis.records import CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box, ImageRecord, Rejected
 from physis.sources import PROJECTION_VIEWS, DataSourceError, fit_box, parse_flag, parse_int
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = (
-    "filestem", "patient_id", "study_number", "timehash", "gender", "age", "laterality",
-    "projection", "initial_exam", "ao_classification", "cast", "diagnosis_uncertain",
-    "osteopenia", "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
-)
-LABEL_DIR = Path("folder_structure/yolov5/labels")
+LABEL_DIR = Path(YOLO_LABEL_DIR)
 
 
 def read_csv(path: Path) -> pd.DataFrame:
