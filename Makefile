@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CORES ?= all
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean cluster-up cluster-down
 
 # The virtual environment is rebuilt when the pins change.
 $(BIN)/physis: pyproject.toml
@@ -34,6 +34,13 @@ bench: setup
 
 lint: setup
 	$(BIN)/snakemake --lint
+
+# A one-node SLURM with a fake GPU on this machine (root, Debian), to try --profile slurm-gpu by hand.
+cluster-up:
+	tests/cluster/setup.sh
+
+cluster-down:
+	tests/cluster/teardown.sh
 
 clean:
 	rm -rf results/* resources/phantom .snakemake
