@@ -315,7 +315,10 @@ def predict_frame(model_dir, manifest, preset_dir, splits=("val", "test")):
     films = manifest[manifest["split"].isin(splits)].reset_index(drop=True)
     patient = films["patient_id"].map({p: rng.normal() for p in films["patient_id"].unique()})
     logit = {"alpha": 2.5, "beta": 0.8}[name] * (2 * films["label"] - 1) + patient + rng.normal(0, .5, len(films))
-    return films.rename(columns={"label": "y_true"}).assign(score=1 / (1 + np.exp(-logit)))[COLUMNS]
+    scores = films.rename(columns={"label": "y_true"}).assign(score=1 / (1 + np.exp(-logit)))[COLUMNS]
+    import pandas as pd
+
+    return scores, pd.DataFrame(columns=["image_id", "split", "x", "y", "w", "h", "score"])  # classifiers: no boxes
 
 
 def load_trained(model_dir):
@@ -377,6 +380,14 @@ def model_preset(name):
 
 def train_resources(name):
     return {{"mem_mb": 1000}}
+
+
+def model_plugin(name):
+    class Classifier:
+        def hook(self, hook):
+            return None
+
+    return Classifier()
 
 
 wildcard_constraints:
