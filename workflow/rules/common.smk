@@ -50,7 +50,6 @@ def unavailable_reason(name):
 CONFIGURED = [name for name, entry in config["models"].items() if entry["enabled"]]
 UNAVAILABLE = {name: reason for name in CONFIGURED if (reason := unavailable_reason(name))}
 MODELS = [name for name in CONFIGURED if name not in UNAVAILABLE]
-PRESETS = sorted({model_preset(name) for name in MODELS})
 
 
 def train_resources(name):
