@@ -23,7 +23,7 @@ demo: setup
 	$(SNAKEMAKE) all --report results/report.html
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # Unit tests only (no end-to-end workflow runs): the quick loop while developing.
 test-fast: setup

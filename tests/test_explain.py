@@ -94,6 +94,30 @@ def test_gradcam_default_layer_is_the_last_convolution_not_a_pooling_head():
     np.testing.assert_allclose(gradcam(model, image), gradcam(model, image, layer_name="conv"))
 
 
+def test_gradcam_skips_feature_maps_the_score_does_not_depend_on():
+    """Like SpineNet, which computes pyramid levels after the one its head reads."""
+
+    class SideBranch(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.used = tf_keras.layers.Conv2D(3, 3, activation="relu", name="used")
+            self.unused = tf_keras.layers.Conv2D(2, 3, name="unused")
+            self.pool = tf_keras.layers.GlobalAveragePooling2D()
+            self.head = tf_keras.layers.Dense(1, activation="sigmoid")
+
+        def call(self, x, training=False):
+            features = self.used(x)
+            self.unused(features)  # computed last, never read by the head
+            return self.head(self.pool(features))
+
+    model = SideBranch()
+    image = np.random.default_rng(3).random((16, 16, 1)).astype("float32")
+    model(image[None])
+    np.testing.assert_allclose(gradcam(model, image), gradcam(model, image, layer_name="used"))
+    with pytest.raises(ValueError, match="does not depend on layer 'unused'"):
+        gradcam(model, image, layer_name="unused")
+
+
 def test_gradcam_errors_name_the_problem():
     with pytest.raises(ValueError, match="no layer named 'nope'"):
         gradcam(_identity_classifier(), _blob_image(), layer_name="nope")

@@ -28,7 +28,7 @@ def gradcam(model, image: np.ndarray, layer_name: str | None = None, class_index
 
     ``layer_name``: the feature map to explain (searched in nested models too); default: the
     last layer of the forward pass, pooling layers aside, whose output is a 4-D tensor with more
-    than one position (the last convolutional feature map).
+    than one position and which the score depends on (the last convolutional feature map).
     ``class_index``: the output unit to explain; default: the single sigmoid unit, or the
     predicted class of a softmax head.
     """
@@ -76,10 +76,14 @@ def gradcam(model, image: np.ndarray, layer_name: str | None = None, class_index
     if not recorded:
         raise ValueError(f"gradcam: no 4-D feature map found in model {model.name!r}"
                          + (f" at layer {layer_name!r}" if layer_name else ""))
-    _, activations = recorded[-1]
-    gradients = tape.gradient(score, activations)
-    if gradients is None:
-        raise ValueError(f"gradcam: the score of model {model.name!r} does not depend on layer {recorded[-1][0]!r}")
+    # The last map the score depends on: multi-scale backbones (SpineNet) compute feature levels
+    # after the one their head reads.
+    every = tape.gradient(score, [activations for _, activations in recorded])
+    found = [(activations, gradients) for (_, activations), gradients in zip(recorded, every) if gradients is not None]
+    if not found:
+        raise ValueError(f"gradcam: the score of model {model.name!r} does not depend on "
+                         + (f"layer {layer_name!r}" if layer_name else "any 4-D feature map"))
+    activations, gradients = found[-1]
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))[0]
     cam = tf.image.resize(cam[..., None], pixels.shape[:2], method="bilinear")[..., 0].numpy()
