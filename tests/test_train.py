@@ -136,3 +136,42 @@ def test_predict_cli_replays_the_recipe(prepared, tmp_path):
     score = json.loads(out.stdout.strip().splitlines()[-1])["fracture_probability"]
     expected = predictions(results).set_index("image_id").loc[film.image_id, "score"]
     assert score == pytest.approx(expected, abs=2e-3)  # same preprocessing → same score (PNG rounding only)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL/SLURM TIMEOUT inside a custom training loop."""
+
+
+def test_custom_loop_resumes_after_a_kill_and_keeps_the_best_epoch(tmp_path):
+    """run_epochs (the Model Garden plugins' loop): a kill during epoch 3 loses only that epoch; the
+    rerun continues at epoch 3 with the trained weights, and the best epoch's weights end up restored."""
+    import tensorflow as tf
+
+    from physis.plugins import ModelConfig, ModelSpec
+    from physis.train import run_epochs
+
+    cfg = ModelConfig("loop", ModelSpec(kind="detector", framework="tf_keras", preset="p"), (8, 8, 3), {},
+                      work_dir=tmp_path)
+    val_auroc = {1: 0.6, 2: 0.8, 3: 0.7, 4: 0.75}  # best: epoch 2
+    started = []
+
+    def attempt(kill_at: int | None):
+        weight = tf.Variable(0.0)  # a fresh "model" each process; its value counts the epochs trained
+
+        def train_epoch(epoch):
+            started.append(epoch + 1)
+            if epoch + 1 == kill_at:
+                raise Killed
+            weight.assign_add(1.0)
+            return {"loss": 1.0 / (epoch + 1)}
+
+        run_epochs(cfg, trackables={"model": tf.train.Checkpoint(w=weight)}, train_epoch=train_epoch,
+                   evaluate=lambda: {"val_auroc": val_auroc[int(weight.numpy())]}, epochs=4, patience=5)
+        return float(weight.numpy())
+
+    with pytest.raises(Killed):
+        attempt(kill_at=3)
+    assert pd.read_parquet(tmp_path / "history.parquet")["epoch"].tolist() == [1, 2]
+    assert attempt(kill_at=None) == 2.0  # epochs 3 and 4 ran on the restored weights; then epoch 2's came back
+    assert started == [1, 2, 3, 3, 4]
+    assert pd.read_parquet(tmp_path / "history.parquet")["epoch"].tolist() == [1, 2, 3, 4]
