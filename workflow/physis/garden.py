@@ -579,7 +579,7 @@ def crop_windows(boxes: np.ndarray, image_hw: tuple[int, int], context: float, m
                      (cy + side / 2) / height, (cx + side / 2) / width], axis=1).astype(np.float32)
 
 
-
+#: The crop window of a whole film (y0, x0, y1, x1, normalised): stage 2's fallback.
 WHOLE_FILM = np.array([[0.0, 0.0, 1.0, 1.0]], np.float32)
 
 
