@@ -175,3 +175,17 @@ def test_custom_loop_resumes_after_a_kill_and_keeps_the_best_epoch(tmp_path):
     assert attempt(kill_at=None) == 2.0  # epochs 3 and 4 ran on the restored weights; then epoch 2's came back
     assert started == [1, 2, 3, 3, 4]
     assert pd.read_parquet(tmp_path / "history.parquet")["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_several_gpus_mirror_classifiers_but_not_custom_loops(monkeypatch):
+    """model.fit replicates its steps over a MirroredStrategy; the detectors' loops call theirs
+    directly, so they must not be built under one."""
+    import tensorflow as tf
+
+    from physis.train import distribution
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu:0", "gpu:1"])
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda: "mirrored")
+    assert distribution("tf_keras", "classifier") == "mirrored"
+    for kind in ("detector", "two_stage"):
+        assert distribution("tf_keras", kind) is tf.distribute.get_strategy()

@@ -80,8 +80,12 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
 
 
-def distribution(framework: str):
-    """MirroredStrategy over every visible GPU when there are several; mixed precision on GPU."""
+def distribution(framework: str, kind: str = "classifier"):
+    """MirroredStrategy over every visible GPU when there are several; mixed precision on GPU.
+
+    Only classifiers (trained by ``model.fit``, which replicates its steps) get the strategy; the
+    detectors' and the two-stage model's custom loops call their steps directly and train on one GPU.
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -91,7 +95,9 @@ def distribution(framework: str):
 
         keras.mixed_precision.set_global_policy("mixed_float16")
     if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+        if kind == "classifier":
+            return tf.distribute.MirroredStrategy()
+        log.info("%s: a custom training loop, trained on the first visible GPU only", kind)
     return tf.distribute.get_strategy()
 
 
@@ -336,7 +342,7 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
     manifest = pd.read_parquet(Path(config["results"]) / "data" / "manifest.parquet")
     data = train_data(cfg, manifest, preset_dir, config["train"], config["preprocess"].get("augment"))
     start = time.monotonic()
-    with distribution(cfg.spec.framework).scope():
+    with distribution(cfg.spec.framework, cfg.spec.kind).scope():
         model = plugin.hook("build")(cfg)
     patience = int(cfg.params.get("patience", 5))
     cbs = callbacks(cfg.spec.framework, work_dir, patience) if cfg.spec.framework != "service" else []
