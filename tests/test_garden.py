@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from physis import detection, garden
+from physis import detection, garden, pipeline
 from physis.plugins import TrainData
 from physis.train import seed_everything
 
@@ -168,7 +168,7 @@ def markers(tmp_path_factory):
 
 
 def training_ap50(detector, frame, boxes) -> float:
-    found = garden.detect_all(detector, garden.films(frame, 3))
+    found = garden.detect_all(detector, pipeline.film_images(frame, 3, 8))
     return detection.coco_ap(detection.boxes_table(frame["image_id"].tolist(), found), boxes, frame["image_id"])["ap50"]
 
 

@@ -43,9 +43,11 @@ import pandas as pd
 import tensorflow as tf
 import tf_keras
 
+from physis.detection import FRACTURE
+from physis.pipeline import film_images
+
 log = logging.getLogger(__name__)
 
-FRACTURE = "fracture"
 FRACTURE_ID = 1  # class ids of the detectors: 0 = background, 1 = fracture
 NUM_CLASSES = 2
 #: official.vision experiments per (plugin family, backbone).
@@ -80,13 +82,11 @@ def optimizer(name: str, learning_rate: float, clip_norm: float):
 
 
 def auroc(labels: Iterable[float], scores: Iterable[float]) -> float:
-    """ROC AUC, NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
+    """The custom loops' validation AUROC, as the evaluate stage defines it (NaN with one class)."""
+    from physis import metrics
 
-    labels, scores = np.asarray(list(labels), float), np.asarray(list(scores), float)
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
+    scores = np.asarray(list(scores), float)
+    return metrics.compute(np.asarray(list(labels)), scores, scores >= 0.5, ["auroc"])["auroc"]
 
 
 def as_batch(image, channels: int) -> tf.Tensor:
@@ -102,16 +102,6 @@ def as_batch(image, channels: int) -> tf.Tensor:
 def rgb(images: tf.Tensor) -> tf.Tensor:
     """Grey batches replicated to the three channels the Model Garden detectors take."""
     return images if images.shape[-1] == 3 else tf.repeat(images, 3, axis=-1)
-
-
-def films(frame: pd.DataFrame, channels: int, batch_size: int = 8) -> tf.data.Dataset:
-    """The frame's preprocessed films in order, as float32 batches in [0, 1] (the framework's reader)."""
-    from physis import pipeline
-
-    def image_only(images, _labels):
-        return images
-
-    return pipeline.image_dataset(frame, channels, batch_size, training=False, seed=0).map(image_only)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -137,15 +127,13 @@ def yxyx_to_xywh(boxes: np.ndarray) -> np.ndarray:
 
 
 def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU (len(a) × len(b)) of x, y, w, h boxes."""
-    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2])
-    y1 = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    union = (a[:, 2] * a[:, 3])[:, None] + (b[:, 2] * b[:, 3])[None, :] - inter
-    return inter / np.maximum(union, 1e-9)
+    """Pairwise IoU (len(a) × len(b)) of x, y, w, h boxes (pycocotools' box IoU)."""
+    from pycocotools import mask
+
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask.iou(a, b, [0] * len(b)))
 
 
 def decode_detections(outputs: dict, scale: float = 1.0) -> list[np.ndarray]:
@@ -557,7 +545,7 @@ class DetectorLoop:
     def evaluate(self) -> dict:
         if self.val is None or self.val.empty:
             return {"val_auroc": float("nan")}
-        found = detect_all(self.detector, films(self.val, 3))
+        found = detect_all(self.detector, film_images(self.val, 3, 8))
         return {"val_auroc": auroc(self.val["label"], image_scores(found)),
                 "val_boxes_per_image": float(np.mean([len(b) for b in found]))}
 
@@ -761,7 +749,7 @@ class CropLoop:
         self.model = model
         model.detector.sync()
         train = data.frames["train"]
-        train_proposals = detect_all(model.detector, films(train, model.channels))
+        train_proposals = detect_all(model.detector, film_images(train, model.channels, 8))
         gt = fracture_boxes(train, data.boxes, "all")
         table = crop_table(train, gt, dict(zip(train["image_id"], train_proposals)), model.image_hw, p)
         log.info("stage 2: %d crops (%d positive) from %d films", len(table), int(table["label"].sum()), len(train))
@@ -773,7 +761,7 @@ class CropLoop:
         self.steps = int(steps)
         self.val = data.frames.get("val")
         if self.val is not None and not self.val.empty:
-            self.val_images = films(self.val, model.channels)
+            self.val_images = film_images(self.val, model.channels, 8)
             self.val_proposals = detect_all(model.detector, self.val_images)
 
     @property

@@ -16,7 +16,7 @@ import pandas as pd
 from physis import plugins as registry
 from physis.detection import boxes_table
 from physis.plugins import ModelConfig, Plugin
-from physis.train import load_frames, load_model, predict_scores
+from physis.train import load_frames, load_model, predict_data, predict_scores
 
 PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "sh_type", "age", "sex", "view"]
 BOX_COLUMNS = ["image_id", "split", "x", "y", "w", "h", "score"]
@@ -51,25 +51,19 @@ def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str
     preset_dir = Path(preset_dir)
     frames = load_frames(manifest[manifest["split"].isin(splits)], preset_dir)
     frame = pd.concat([frames[s] for s in splits if s in frames], ignore_index=True)
-    boxes = pd.read_parquet(preset_dir / "boxes.parquet")
-    scores = predict_scores(plugin, model, cfg, frame, boxes, preset_dir)
-    out = frame.rename(columns={"label": "y_true"}).assign(score=scores)
-    return out[PREDICTION_COLUMNS], predicted_boxes(plugin, model, cfg, frame, boxes, preset_dir)
+    data = predict_data(cfg, frame, pd.read_parquet(preset_dir / "boxes.parquet"), preset_dir)
+    out = frame.rename(columns={"label": "y_true"}).assign(score=predict_scores(plugin, model, cfg, data))
+    return out[PREDICTION_COLUMNS], predicted_boxes(plugin, model, cfg, data)
 
 
-def predicted_boxes(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame,
-                    preset_dir: Path) -> pd.DataFrame:
-    """The detector's boxes per film as one table (runs ``predict_boxes`` once over ``frame``)."""
+def predicted_boxes(plugin: Plugin, model, cfg: ModelConfig, data) -> pd.DataFrame:
+    """The detector's boxes per film of ``data`` as one table (the same PredictData as ``predict``
+    got, so a detector reuses the detections it scored the films with)."""
     hook = plugin.hook("predict_boxes")
     if hook is None:
         return pd.DataFrame(columns=BOX_COLUMNS)
-    from physis import pipeline
-    from physis.plugins import PredictData
-
-    images = pipeline.image_dataset(frame, cfg.spec.channels, 8, training=False, seed=cfg.seed).map(lambda x, y: x)
-    per_film = hook(model, PredictData(images, frame, boxes[boxes["image_id"].isin(frame["image_id"])], preset_dir),
-                    cfg)
-    table = boxes_table(list(frame["image_id"]), per_film)
+    frame = data.frame
+    table = boxes_table(list(frame["image_id"]), hook(model, data, cfg))
     return table.assign(split=table["image_id"].map(dict(zip(frame["image_id"], frame["split"]))))[BOX_COLUMNS]
 
 
@@ -91,7 +85,7 @@ def predict_file(path: str | Path, model_dir: str | Path) -> float:
         write_gray16(png, np.round(image * 65535))
         frame = pd.DataFrame({"image_id": ["image"], "path": [str(png)], "label": [0]})
         boxes = pd.DataFrame(columns=["image_id", "class", "x", "y", "w", "h"])
-        return float(predict_scores(plugin, model, cfg, frame, boxes, Path(tmp), batch_size=1)[0])
+        return float(predict_scores(plugin, model, cfg, predict_data(cfg, frame, boxes, Path(tmp), batch_size=1))[0])
 
 
 def _read_any(path: Path) -> np.ndarray:

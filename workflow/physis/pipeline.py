@@ -97,3 +97,13 @@ def image_dataset(frame: pd.DataFrame, channels: int, batch_size: int, *, traini
     options = tf.data.Options()
     options.deterministic = True
     return films.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def film_images(frame: pd.DataFrame, channels: int, batch_size: int) -> tf.data.Dataset:
+    """``frame``'s films in file order as image batches only (no label column needed): what the
+    predict hooks and the detectors' own evaluation read."""
+    def image_only(images, _labels):
+        return images
+
+    labelled = frame if "label" in frame else frame.assign(label=0)
+    return image_dataset(labelled, channels, batch_size, training=False, seed=0).map(image_only)

@@ -372,16 +372,20 @@ def _gpu_count() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
-def predict_scores(plugin: Plugin, model, cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame,
-                   preset_dir: Path, batch_size: int = 16) -> np.ndarray:
-    """Run the plugin's ``predict`` hook over the rows of ``frame`` (preprocessed PNG paths)."""
+def predict_data(cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame, preset_dir: Path,
+                 batch_size: int = 16):
+    """The PredictData of ``frame``'s films (preprocessed PNG paths). Pass the same object to
+    ``predict`` and ``predict_boxes``: detectors keep their detections for the same data."""
     from physis import pipeline
     from physis.plugins import PredictData
 
-    images = pipeline.image_dataset(frame.assign(label=frame.get("label", 0)), cfg.spec.channels, batch_size,
-                                    training=False, seed=cfg.seed).map(lambda x, y: x)
-    data = PredictData(images=images, frame=frame, boxes=boxes[boxes["image_id"].isin(frame["image_id"])],
-                       preset_dir=preset_dir)
+    return PredictData(images=pipeline.film_images(frame, cfg.spec.channels, batch_size), frame=frame,
+                       boxes=boxes[boxes["image_id"].isin(frame["image_id"])], preset_dir=preset_dir)
+
+
+def predict_scores(plugin: Plugin, model, cfg: ModelConfig, data) -> np.ndarray:
+    """Run the plugin's ``predict`` hook over ``data`` (:func:`predict_data`); check its scores."""
+    frame = data.frame
     scores = np.asarray(plugin.hook("predict")(model, data, cfg), dtype=float).reshape(-1)
     if len(scores) != len(frame):
         raise registry.PluginError(f"plugin {plugin.name!r}: predict returned {len(scores)} scores for "

@@ -107,7 +107,7 @@ def measure(name: str, hw: tuple[int, int], steps: int, folder: Path) -> dict:
     """Build ``name`` at ``hw`` and time its training steps (in this process)."""
     import tensorflow as tf
 
-    from physis import garden, plugins
+    from physis import garden, pipeline, plugins
     from physis.plugins import ModelConfig, TrainData
 
     tf.random.set_seed(0)
@@ -123,7 +123,7 @@ def measure(name: str, hw: tuple[int, int], steps: int, folder: Path) -> dict:
                      clip_norm=1.0, train_boxes="all", seed=0)
     stages = {}
     if plugin.spec.kind == "classifier":
-        labelled = garden.films(frame, cfg.spec.channels, batch).map(lambda x: (x, tf.ones([tf.shape(x)[0]])))
+        labelled = pipeline.image_dataset(frame.assign(label=1), cfg.spec.channels, batch, training=False, seed=0)
         step = garden.classifier_step(model, garden.optimizer("adam", params["learning_rate"], 0))
         stages["train"] = _timed(step, iter(labelled.repeat()), steps, batch)
     elif plugin.spec.kind == "detector":
