@@ -22,8 +22,10 @@ demo: setup
 	$(SNAKEMAKE) all
 	$(SNAKEMAKE) all --report results/report.html
 
+# Two workers (the CI machine's cores); the tests that share the machine's SLURM run on one of them.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 # Unit tests only (no end-to-end workflow runs): the quick loop while developing.
 test-fast: setup

@@ -28,7 +28,8 @@ SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 # Poll SLURM 2 s after each submission instead of the profile's 20: same code path, shorter test.
 FAST_POLL = ["--slurm-init-seconds-before-status-checks", "2", "--latency-wait", "10"]
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# One xdist worker for every test that uses the machine's one SLURM (setup/teardown are global).
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,7 @@ def test_tiny_build_train_predict(name, tiny_set, tmp_path):
 
     from physis import pipeline, train
 
+    train.seed_everything(0)  # seeded and op-deterministic, as in a train job
     frame, boxes, folder = tiny_set
     plugin, cfg, model = build(name, tmp_path)
     if plugin.spec.kind == "classifier":
@@ -177,6 +178,7 @@ def test_thesis_parameter_counts_are_reproduced():
     assert model.count_params() == 23_620_481  # thesis Listing 7.10
 
 
+@pytest.mark.xdist_group("slurm")  # snakemake in the repository root, like the SLURM workflow test
 def test_a_dropped_in_plugin_file_is_picked_up_by_the_workflow(tmp_path):
     extra = tmp_path / "my_plugins"
     extra.mkdir()

@@ -127,11 +127,13 @@ def chromium_binary() -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("Debian's chromium is not installed and cannot be: apt-get install needs root and apt")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                                                    "chromium"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode:
-            pytest.skip(f"apt-get could not install chromium: {done.stderr.strip()[-300:]}")
+    # wait for a parallel install (tests/cluster/setup.sh) instead of failing on dpkg's lock
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    subprocess.run(["apt-get", *lock, "update", "-qq"], env=env, capture_output=True, timeout=900)
+    done = subprocess.run(["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        pytest.skip(f"apt-get could not install chromium: {done.stderr.strip()[-300:]}")
     return "/usr/lib/chromium/chromium"
 
 

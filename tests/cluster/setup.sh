@@ -47,8 +47,10 @@ if ! have_binaries; then
     say "installing ${PACKAGES[*]} (apt-get, --no-install-recommends)"
     log=$(mktemp)
     # A failed update (one unreachable mirror) may still leave usable package lists: try the install.
-    if ! { apt-get update -qq || true; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends "${PACKAGES[@]}"; } >"$log" 2>&1; then
+    # The lock timeout waits for a parallel apt-get (the browser tests may install chromium).
+    lock=(-o DPkg::Lock::Timeout=600)
+    if ! { apt-get "${lock[@]}" update -qq || true; DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install \
+            -y -qq --no-install-recommends "${PACKAGES[@]}"; } >"$log" 2>&1; then
         [[ $own_policy == 1 ]] && rm -f "$policy"
         tail -n 5 "$log" >&2
         cannot "apt-get could not install ${PACKAGES[*]} (offline or not Debian?)"

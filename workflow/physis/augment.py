@@ -19,20 +19,27 @@ import keras
 import tensorflow as tf
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, recipe: dict) -> tf.Tensor:
-    """One film ([H, W, 1] float32 in [0, 1]) augmented per ``recipe`` with stateless ``seed`` ([2] int)."""
+def augment(image: tf.Tensor, seed: tf.Tensor, recipe: dict, mask: tf.Tensor | None = None):
+    """One film ([H, W, 1] float32 in [0, 1]) augmented per ``recipe`` with stateless ``seed`` ([2] int).
+
+    With a ``mask`` ([H, W, K], e.g. rasterised boxes) the geometric transforms move it with the
+    film, the photometric ones leave it alone, and ``(image, mask)`` is returned.
+    """
     seeds = tf.random.experimental.stateless_split(seed, num=6)
+    stack = image if mask is None else tf.concat([image, mask], axis=-1)
     if recipe["flip"]:
-        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+        stack = tf.image.stateless_random_flip_left_right(stack, seeds[0])
     if recipe["rotation"] > 0 or recipe["scale"] > 0:
-        image = _rotate_and_scale(image, seeds[1], recipe["rotation"], recipe["scale"])
+        stack = _rotate_and_scale(stack, seeds[1], recipe["rotation"], recipe["scale"])
     if recipe["elastic_alpha"] > 0:
-        image = _elastic(image, seeds[2], recipe["elastic_alpha"], recipe["elastic_spacing"])
+        stack = _elastic(stack, seeds[2], recipe["elastic_alpha"], recipe["elastic_spacing"])
+    image = stack[..., :1]
     if recipe["brightness"] > 0:
         image = tf.image.stateless_random_brightness(image, recipe["brightness"], seeds[3])
     if recipe["contrast"] > 0:
         image = tf.image.stateless_random_contrast(image, 1 - recipe["contrast"], 1 + recipe["contrast"], seeds[4])
-    return tf.clip_by_value(image, 0.0, 1.0)
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    return image if mask is None else (image, stack[..., 1:])
 
 
 def _rotate_and_scale(image: tf.Tensor, seed: tf.Tensor, degrees: float, scale: float) -> tf.Tensor:
@@ -50,8 +57,8 @@ def _rotate_and_scale(image: tf.Tensor, seed: tf.Tensor, degrees: float, scale: 
 
 
 def _elastic(image: tf.Tensor, seed: tf.Tensor, alpha: float, spacing: int) -> tf.Tensor:
-    """Smooth random displacement (up to about ``alpha`` pixels), interpolated bicubically from
-    control points every ``spacing`` pixels."""
+    """Smooth random displacement of every channel (up to about ``alpha`` pixels), interpolated
+    bicubically from control points every ``spacing`` pixels."""
     shape = tf.shape(image)
     grid = tf.maximum(2, shape[:2] // spacing + 1)
     coarse = tf.random.stateless_uniform(tf.concat([grid, [2]], 0), seed, -alpha, alpha)
@@ -59,5 +66,6 @@ def _elastic(image: tf.Tensor, seed: tf.Tensor, alpha: float, spacing: int) -> t
     rows, cols = tf.meshgrid(tf.range(shape[0], dtype=tf.float32), tf.range(shape[1], dtype=tf.float32),
                              indexing="ij")
     coordinates = tf.stack([rows + shift[..., 0], cols + shift[..., 1]])
-    warped = keras.ops.image.map_coordinates(image[..., 0], coordinates, order=1, fill_mode="constant")
-    return warped[..., None]
+    channels = tf.unstack(image, num=image.shape[-1], axis=-1)
+    return tf.stack([keras.ops.image.map_coordinates(channel, coordinates, order=1, fill_mode="constant")
+                     for channel in channels], axis=-1)

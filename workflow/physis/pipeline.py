@@ -43,24 +43,51 @@ def class_weights(labels) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
-def _films(part: pd.DataFrame, size: tuple[int, int], *, training: bool, seed: int, cache: bool
-           ) -> tf.data.Dataset:
-    """(image, label) for ``part``: shuffled each epoch when training (paths before decoding, or
-    the cached images when caching), in file order otherwise."""
-    films = tf.data.Dataset.from_tensor_slices((part["path"].astype(str).tolist(),
-                                                part["label"].astype("float32").to_numpy()))
+def _box_corners(frame: pd.DataFrame, boxes: pd.DataFrame) -> tf.RaggedTensor:
+    """Per film of ``frame``: the (x0, y0, x1, y1) pixel corners of its ``boxes`` when it is
+    positive (label 1), none when it is negative: [films, (boxes), 4]."""
+    by_film = {image_id: part[["x", "y", "w", "h"]].to_numpy("float32") for image_id, part in boxes.groupby("image_id")}
+    empty = np.zeros((0, 4), "float32")
+    corners = [by_film.get(image_id, empty) if label == 1 else empty
+               for image_id, label in zip(frame["image_id"], frame["label"])]
+    values = np.concatenate(corners) if corners else empty
+    values[:, 2:] += values[:, :2]
+    return tf.RaggedTensor.from_row_lengths(values, [len(c) for c in corners])
+
+
+def rasterise(corners: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """[H, W, 1] float32 mask: 1 at pixels whose centre lies inside any of the boxes ``corners`` [n, 4]."""
+    rows = tf.range(size[0], dtype=tf.float32)[None, :, None] + 0.5
+    cols = tf.range(size[1], dtype=tf.float32)[None, None, :] + 0.5
+    x0, y0, x1, y1 = (corners[:, k, None, None] for k in range(4))
+    inside = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+    return tf.cast(tf.reduce_any(inside, axis=0), tf.float32)[..., None]
+
+
+def _films(part: pd.DataFrame, size: tuple[int, int], *, training: bool, seed: int, cache: bool,
+           boxes: pd.DataFrame | None) -> tf.data.Dataset:
+    """(image, target) for ``part``: the label, or with ``boxes`` the positive films' box mask.
+    Shuffled each epoch when training (paths before decoding, or the cached images when caching),
+    in file order otherwise."""
+    if boxes is None:
+        targets = part["label"].astype("float32").to_numpy()
+        load = lambda path, label: (decode(path, size), label)  # noqa: E731
+    else:
+        targets = _box_corners(part, boxes)
+        load = lambda path, corners: (decode(path, size), rasterise(corners, size))  # noqa: E731
+    films = tf.data.Dataset.from_tensor_slices((part["path"].astype(str).tolist(), targets))
     if cache:
-        films = films.map(lambda path, label: (decode(path, size), label),
-                          num_parallel_calls=tf.data.AUTOTUNE).cache()
+        films = films.map(load, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if training:
         films = films.shuffle(len(part), seed=seed, reshuffle_each_iteration=True)
     if not cache:
-        films = films.map(lambda path, label: (decode(path, size), label), num_parallel_calls=tf.data.AUTOTUNE)
+        films = films.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return films
 
 
 def image_dataset(frame: pd.DataFrame, channels: int, batch_size: int, *, training: bool, seed: int,
-                  augment: dict | None = None, cache: bool = False, balance: str = "none") -> tf.data.Dataset:
+                  augment: dict | None = None, cache: bool = False, balance: str = "none",
+                  boxes: pd.DataFrame | None = None, stride: int = 1) -> tf.data.Dataset:
     """Batches of (images [B, H, W, channels] float32 in [0, 1], labels [B] float32).
 
     ``frame`` needs ``path`` (preprocessed PNG) and ``label`` (0/1). One pass per epoch (no
@@ -68,6 +95,11 @@ def image_dataset(frame: pd.DataFrame, channels: int, batch_size: int, *, traini
     ``preprocess.augment``), augment; ``balance="sampling"`` then draws each film of the epoch
     from either class with equal probability. ``"weights"`` leaves the data as it is (pass
     :func:`class_weights` to the loss). Without ``training`` none of this happens.
+
+    With ``boxes`` (image_id, x, y, w, h in the films' pixels) the targets are masks instead of
+    labels: [B, ⌈H/stride⌉, ⌈W/stride⌉, 1], 1 where a box of a positive film covers any pixel of
+    the cell (max pooling), 0 elsewhere and on every negative film. Augmentation moves the boxes
+    with the film.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -82,17 +114,27 @@ def image_dataset(frame: pd.DataFrame, channels: int, batch_size: int, *, traini
         if any(part.empty for part in parts):
             raise ValueError("balanced sampling needs films of both classes")
         films = tf.data.Dataset.sample_from_datasets(
-            [_films(part, size, training=True, seed=seed + k, cache=cache).repeat() for k, part in enumerate(parts)],
+            [_films(part, size, training=True, seed=seed + k, cache=cache, boxes=boxes).repeat()
+             for k, part in enumerate(parts)],
             weights=[0.5, 0.5], seed=seed, rerandomize_each_iteration=True).take(len(frame))
     else:
-        films = _films(frame, size, training=training, seed=seed, cache=cache)
+        films = _films(frame, size, training=training, seed=seed, cache=cache, boxes=boxes)
     if training and augment is not None:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        films = tf.data.Dataset.zip(films, seeds).map(
-            lambda film, key: (augment_film(film[0], tf.stack([key, tf.constant(seed, tf.int64)]), augment), film[1]),
-            num_parallel_calls=tf.data.AUTOTUNE)
+
+        def augmented(film, key):
+            image, target = film
+            key = tf.stack([key, tf.constant(seed, tf.int64)])
+            if boxes is None:
+                return augment_film(image, key, augment), target
+            return augment_film(image, key, augment, mask=target)
+
+        films = tf.data.Dataset.zip(films, seeds).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+    if boxes is not None and stride > 1:
+        films = films.map(lambda image, mask: (image, tf.nn.max_pool2d(mask[None], stride, stride, "SAME")[0]),
+                          num_parallel_calls=tf.data.AUTOTUNE)
     if channels == 3:
-        films = films.map(lambda image, label: (tf.image.grayscale_to_rgb(image), label),
+        films = films.map(lambda image, target: (tf.image.grayscale_to_rgb(image), target),
                           num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

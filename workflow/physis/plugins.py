@@ -100,6 +100,8 @@ class TrainData:
     boxes: Any  # pandas DataFrame
     class_weight: dict[int, float] | None
     preset_dir: Path
+    augment: dict | None = None  # the train-time augmentation recipe (config preprocess.augment)
+    cache: bool = False  # keep decoded films in memory (config train.cache)
 
 
 @dataclass

@@ -124,7 +124,8 @@ def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train
                                  cache=train_cfg["cache"])
     weights = pipeline.class_weights(frames["train"]["label"]) if train_cfg["class_balance"] == "weights" else None
     boxes = pd.read_parquet(preset_dir / "boxes.parquet")
-    return TrainData(train=train, val=val, frames=frames, boxes=boxes, class_weight=weights, preset_dir=preset_dir)
+    return TrainData(train=train, val=val, frames=frames, boxes=boxes, class_weight=weights, preset_dir=preset_dir,
+                     augment=augment, cache=train_cfg["cache"])
 
 
 # --------------------------------------------------------------------------- callbacks
