@@ -4,7 +4,7 @@
    first (tracing) step; median of the timed steps.
 2. Efficiency of ResNet50 and the custom CNN: achieved FLOP/s of a train step (forward FLOPs from
    TensorFlow's graph profiler × 3 for forward + backward) divided by the FLOP/s of a dense float32
-   matmul measured in the same run. Target ≥ 0.5.
+   matmul measured in the same run, at batch 8 and 32. Target ≥ 0.5.
 3. Batch-1 predict latency p50/p95 (the ``physis predict`` path without the file reading).
 
 Numbers depend on the machine and on what else runs on it: read them as indicative.
@@ -105,10 +105,13 @@ def run(out_dir: Path, quick: bool) -> pd.DataFrame:
         case = f"{name} {shape[0]}x{shape[1]}x{shape[2]} batch {batch}"
         rows.append(_row("train step", case, "throughput", batch / step, "films/s"))
         if name in FLOP_MODELS:
-            achieved = 3 * forward_flops(model, shape) * batch / step
-            ratio = achieved / peak
-            rows.append(_row("train step", case, "achieved FLOP/s / matmul FLOP/s", ratio, "ratio", ">= 0.5",
-                             bool(ratio >= 0.5)))
+            flops = 3 * forward_flops(model, shape)
+            # a CPU's efficiency grows with the batch (the optimiser's per-step update is fixed)
+            large = float(np.median(step_seconds(model, shape, 4 * batch, steps)))
+            for size, seconds in ((batch, step), (4 * batch, large)):
+                ratio = flops * size / seconds / peak
+                rows.append(_row("train step", f"{name} {shape[0]}x{shape[1]}x{shape[2]} batch {size}",
+                                 "achieved FLOP/s / matmul FLOP/s", ratio, "ratio", ">= 0.5", bool(ratio >= 0.5)))
         latency = predict_latency(model, shape, repeats)
         rows.append(_row("predict batch 1", case, "p50", 1000 * float(np.percentile(latency, 50)), "ms"))
         rows.append(_row("predict batch 1", case, "p95", 1000 * float(np.percentile(latency, 95)), "ms"))
