@@ -5,8 +5,8 @@ memorises them before it finds a two-pixel fracture line (the Keras classifiers 
 on the phantom). Supervising every position of a coarse map with the fracture boxes gives it
 hundreds of located examples per film instead, including the hard negatives: the boxes of
 non-physeal fractures are 0 on the physeal map. The image score is the map's maximum, so the
-model stays a classifier with one sigmoid output (predict, evaluate, export, Grad-CAM unchanged)
-and its explanation is its own map. After Li et al., "Thoracic Disease Identification and
+model stays a classifier with one sigmoid output (predict, evaluate, export and ``physis predict``
+unchanged) and its explanation is its own map. After Li et al., "Thoracic Disease Identification and
 Localization with Limited Supervision", CVPR 2018.
 
 A plugin builds a model whose output ``score`` is the global maximum of a sigmoid map layer named
@@ -84,8 +84,11 @@ def fit(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
     """Train ``model``'s map on the ``fracture`` boxes of the positive films (a ``train`` hook).
 
     Positive films without a fracture box cannot say where the fracture is: they are left out of
-    training (logged). The framework's callbacks watch ``val_auroc`` of the image scores.
+    training (logged). The framework's callbacks watch ``val_auroc`` of the image scores. Class
+    balance as configured: the image loss's class weights, or balanced sampling of the films.
     """
+    import keras
+
     from physis import pipeline
 
     params = cfg.params
@@ -96,15 +99,13 @@ def fit(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
         frame = data.frames[split]
         unboxed = (frame["label"] == 1) & ~frame["image_id"].isin(boxes["image_id"])
         if unboxed.any():
-            log.warning("%s: %d positive %s films have no %s box and are left out of training",
-                        cfg.name, int(unboxed.sum()), split, BOX_CLASS)
+            log.warning("%s: %d positive %s films have no %s box: left out of the map's %s data",
+                        cfg.name, int(unboxed.sum()), split, BOX_CLASS, split)
         datasets[split] = pipeline.image_dataset(
             frame[~unboxed], cfg.spec.channels, int(params["batch_size"]), training=split == "train",
             seed=cfg.seed, augment=data.augment if split == "train" else None, cache=data.cache,
-            boxes=boxes, stride=stride)
+            balance=data.balance if split == "train" else "none", boxes=boxes, stride=stride)
     with model.distribute_strategy.scope():
-        import keras
-
         trainer = keras.Model(model.inputs, model.get_layer(HEAT_LAYER).output, name=f"{model.name}_map")
         trainer.compile(optimizer=keras.optimizers.Adam(float(params["learning_rate"])),
                         loss=loss(data.class_weight, float(params["heat_weight"]), float(params["cell_weight"])),

@@ -102,6 +102,7 @@ class TrainData:
     preset_dir: Path
     augment: dict | None = None  # the train-time augmentation recipe (config preprocess.augment)
     cache: bool = False  # keep decoded films in memory (config train.cache)
+    balance: str = "none"  # "sampling": balanced batches (config train.class_balance), else "none"
 
 
 @dataclass

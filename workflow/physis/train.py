@@ -125,7 +125,7 @@ def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train
     weights = pipeline.class_weights(frames["train"]["label"]) if train_cfg["class_balance"] == "weights" else None
     boxes = pd.read_parquet(preset_dir / "boxes.parquet")
     return TrainData(train=train, val=val, frames=frames, boxes=boxes, class_weight=weights, preset_dir=preset_dir,
-                     augment=augment, cache=train_cfg["cache"])
+                     augment=augment, cache=train_cfg["cache"], balance=balance)
 
 
 # --------------------------------------------------------------------------- callbacks
