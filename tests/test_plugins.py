@@ -97,7 +97,7 @@ def test_tiny_build_train_predict(name, tiny_set, tmp_path):
     plugin.hook("train")(model, data, cfg, train.callbacks(cfg.spec.framework, cfg.work_dir, patience=2))
     history = pd.read_parquet(cfg.work_dir / "history.parquet")
     assert history["epoch"].tolist() == [1] and "val_auroc" in history
-    images = pipeline.image_dataset(frame, cfg.spec.channels, 4, training=False, seed=0).map(lambda x, y: x)
+    images = pipeline.film_images(frame, cfg.spec.channels, 4)
     scores = np.asarray(plugin.hook("predict")(model, PredictData(images, frame, boxes, folder), cfg))
     assert scores.shape == (len(frame),)
     assert np.all((scores >= 0) & (scores <= 1))
