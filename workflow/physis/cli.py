@@ -2,6 +2,7 @@
 
 ``physis plugins [--json]`` lists the registered model plugins like ``timm.list_models``;
 ``physis predict FILE --model results/models/NAME [--json]`` prints a fracture probability.
+``physis fetch grazpedwri DIR`` downloads, verifies and unpacks GRAZPEDWRI-DX from figshare.
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def _convert(args) -> int:
     return 0
 
 
+def _fetch(args) -> int:
+    import yaml
+
+    from physis import logs
+    from physis.fetch import FIGSHARE_API, GRAZPEDWRI_ARTICLE, fetch
+
+    logs.setup()
+    root = args.root.resolve()
+    done = fetch(root, api=args.api or FIGSHARE_API, article=args.article or GRAZPEDWRI_ARTICLE)
+    print(f"{args.dataset} is complete in {root} (this run downloaded {len(done['downloaded'])} and unpacked "
+          f"{len(done['unpacked'])} files). To use it, put this into config/config.yaml:\n")
+    print(yaml.safe_dump({"dataset": {"format": args.dataset, "root": str(root), "phantom": {"enabled": False}}},
+                         sort_keys=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="physis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert", help="run the convert stage outside Snakemake")
     p.add_argument("--config", help="config file (default: config/config.yaml)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("fetch", help="download, verify and unpack a public data set (GRAZPEDWRI-DX from figshare)")
+    p.add_argument("dataset", choices=["grazpedwri"])
+    p.add_argument("root", type=Path, help="folder to download and unpack into (created if missing)")
+    p.add_argument("--api", help="figshare API base URL (default: figshare's public API)")
+    p.add_argument("--article", type=int, help="figshare article id (default: the GRAZPEDWRI-DX release)")
+    p.set_defaults(func=_fetch)
 
     args = parser.parse_args(argv)
     try:
