@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
-SNAKEMAKE := $(BIN)/snakemake --cores $(CORES)
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete
 
 .PHONY: setup demo test test-fast bench lint clean cluster-up cluster-down
 

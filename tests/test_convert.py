@@ -145,11 +145,55 @@ def test_every_bad_input_kind_is_listed_and_counts_reconcile(phantom_copy, tmp_p
     assert json.loads((tmp_path / "results" / "data" / "summary.json").read_text()) == summary
 
 
-def test_strict_mode_fails_on_any_reject(phantom_copy, tmp_path):
-    next(phantom_copy.glob("images_part*/*.png")).unlink()
-    with pytest.raises(ConvertError, match="strict mode: 1 rejected"):
-        run(phantom_copy, tmp_path, convert={"strict": True, "tfrecord": False})
+def test_strict_mode_fails_on_any_reject_and_counts_the_reasons(phantom_copy, tmp_path):
+    images = sorted(phantom_copy.glob("images_part*/*.png"))
+    images[0].unlink()
+    images[1].unlink()
+    images[2].write_bytes(images[2].read_bytes()[:300])  # truncated
+    failure = tmp_path / "logs" / "convert_rejected.csv"
+    failure.parent.mkdir()
+    cfg = make_config(phantom_copy, tmp_path / "results", convert={"strict": True, "tfrecord": False})
+    with pytest.raises(ConvertError, match=r"convert.strict is true and 3 input\(s\) were rejected: "
+                                           r"2 × CSV row without image, 1 × unreadable image") as raised:
+        convert(cfg, tmp_path / "results" / "data", failure_rejects=failure)
+    assert str(failure) in str(raised.value)
     assert not (tmp_path / "results" / "data" / "manifest.parquet").exists()
+    written = pd.read_csv(failure)  # the rejects survive the failed job, with their reasons
+    assert set(written.loc[written.level == "image", "image_id"]) == {path.stem for path in images[:3]}
+    assert pd.read_csv(tmp_path / "results" / "data" / "rejected.csv").equals(written)
+
+
+def test_a_split_error_still_writes_the_rejects(phantom_copy, tmp_path):
+    next(phantom_copy.glob("images_part*/*.png")).unlink()
+    failure = tmp_path / "convert_rejected.csv"
+    cfg = make_config(phantom_copy, tmp_path / "results", split={"fractions": {"train": 0.96, "val": 0.02,
+                                                                                "test": 0.02}})
+    with pytest.raises(SplitError, match="has only class"):
+        convert(cfg, tmp_path / "results" / "data", failure_rejects=failure)
+    assert "CSV row without image" in set(pd.read_csv(failure)["reason"].str.split(":").str[0])
+
+
+def test_boxes_partly_outside_are_clipped_and_counted(phantom_copy, tmp_path):
+    label = sorted((phantom_copy / "folder_structure/yolov5/labels").glob("*.txt"))[0]
+    label.write_text("3 0.98 0.5 0.1 0.1\n3 0.5 0.5 0.1 0.1\n3 0.02 0.02 0.1 0.2")  # two reach outside
+    summary, manifest, boxes, rejected = run(phantom_copy, tmp_path)
+    clipped = manifest.set_index("image_id")["boxes_clipped"]
+    assert clipped[label.stem] == 2 and clipped.drop(label.stem).eq(0).all()
+    assert summary["boxes_clipped"] == 2 and len(boxes[boxes.image_id == label.stem]) == 3
+    assert not (rejected["image_id"] == label.stem).any()
+
+
+def test_a_csv_that_is_not_utf8_says_where_and_how_to_convert(phantom_copy, tmp_path):
+    csv = phantom_copy / "dataset.csv"
+    text = csv.read_text(encoding="utf-8-sig").replace("Siemens", "Siemens Müller", 1)
+    csv.write_bytes(text.encode("cp1252"))
+    offset = text.encode("cp1252").index("ü".encode("cp1252"))
+    with pytest.raises(DataSourceError, match=rf"dataset.csv: not UTF-8 text: byte 0xfc at offset {offset} "
+                                              r".*iconv -f cp1252 -t utf-8 .*dataset.csv_encoding"):
+        run(phantom_copy, tmp_path)
+    summary, manifest, _, _ = run(phantom_copy, tmp_path, dataset={"root": str(phantom_copy), "csv_encoding": "cp1252",
+                                                                   "phantom": {"enabled": False}})
+    assert summary["kept"] == len(manifest) > 0
 
 
 def test_empty_data_set_is_an_error(tmp_path):

@@ -187,6 +187,31 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert sample.read_bytes() != other_sample.read_bytes()
 
 
+def test_the_phantom_never_writes_into_a_folder_it_did_not_create(tmp_path, capsys):
+    """A user's data set (a dataset.csv and images the phantom did not write) is refused, untouched."""
+    from physis.cli import main
+
+    users = tmp_path / "grazpedwri"
+    (users / "images_part1").mkdir(parents=True)
+    (users / "dataset.csv").write_text("the user's own table\n")
+    (users / "images_part1" / "0001_1297860395_01_WRI-L1_M014.png").write_bytes(b"the user's own film")
+    before = {path: path.read_bytes() for path in users.rglob("*") if path.is_file()}
+    with pytest.raises(phantom.PhantomFolderError, match=f"{users} holds files the phantom did not write"):
+        phantom.generate(users, n_patients=3, size_scale=0.2)
+    assert main(["phantom", str(users), "--patients", "3", "--size-scale", "0.2"]) == 2
+    assert "dataset.phantom.enabled: false" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in users.rglob("*") if path.is_file()} == before
+
+    ours = tmp_path / "phantom"
+    phantom.generate(ours, n_patients=4, seed=1, size_scale=0.2)
+    films = set(image_paths(ours))
+    phantom.generate(ours, n_patients=3, seed=1, size_scale=0.2)  # its own folder: rewritten, nothing stale left
+    assert set(image_paths(ours)) < films
+    assert (ours / phantom.MARKER).is_file()
+    (tmp_path / "empty").mkdir()
+    phantom.generate(tmp_path / "empty", n_patients=3, size_scale=0.2)  # an empty folder is fine too
+
+
 def letterbox(pixels: np.ndarray, height: int = 256, width: int = 128) -> tuple[np.ndarray, float]:
     """Downscale keeping the aspect ratio into height×width (the size the classifiers train on)."""
     factor = min(height / pixels.shape[0], width / pixels.shape[1])

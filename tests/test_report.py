@@ -94,7 +94,8 @@ def test_dicom_headers_do_not_reach_evaluation_outputs(tmp_path, monkeypatch):
     needles += ["St Bartholomew", "20240105"]
     root = make_root(tmp_path, files, rows)
     results = tmp_path / "results"
-    cfg = make_config(root, results, dataset={"format": "dicom", "root": str(root), "phantom": {"enabled": False}})
+    cfg = make_config(root, results, dataset={"format": "dicom", "root": str(root), "phantom": {"enabled": False},
+                                              "pseudonym_salt_file": str(tmp_path / "private" / "salt")})
     convert(cfg, results / "data")
     data = results / "data"
     datafigures.data_figures(data / "manifest.parquet", data / "boxes.parquet", data / "rejected.parquet",

@@ -6,7 +6,9 @@ import csv
 import hashlib
 import json
 import logging
-import shutil
+import os
+import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from pydicom.uid import generate_uid
 
 from physis.records import Box, ImageRecord, Rejected
 from physis.sources import DataSourceError
-from physis.sources.dicom import SALT_ENV, read, scrub
+from physis.sources.dicom import KEY_FILE, SALT_ENV, read, scrub
 
 COLUMNS = ("file", "ao_classification", "fracture_visible", "boxes")
 
@@ -36,9 +38,16 @@ def sample(name: str) -> Path:
     return Path(path)
 
 
-def dataset(name: str, **changes) -> Dataset:
-    """A pydicom sample with header changes and a fresh SOP instance (so it is a different image)."""
+def radiograph(name: str) -> Dataset:
+    """A pydicom sample as an X-ray film: modality DX (pydicom ships no CR/DX image), same SOP instance."""
     ds = pydicom.dcmread(sample(name))
+    ds.Modality = "DX"
+    return ds
+
+
+def dataset(name: str, **changes) -> Dataset:
+    """A radiograph made from a sample, with header changes and a fresh SOP instance (a different image)."""
+    ds = radiograph(name)
     ds.SOPInstanceUID = generate_uid()
     for keyword, value in changes.items():
         if value is None:
@@ -49,17 +58,16 @@ def dataset(name: str, **changes) -> Dataset:
 
 
 def make_root(tmp_path: Path, files: dict[str, str | Dataset | bytes], rows: list[dict] | None = None) -> Path:
-    """Put samples (by name), datasets or raw bytes under a root; write labels.csv (a row per file by default)."""
+    """Put samples (by name, as radiographs), datasets or raw bytes under a root; write labels.csv (a row per
+    file by default)."""
     root = tmp_path / "dicom"
     for rel, src in files.items():
         target = root / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, Dataset):
-            src.save_as(target)
-        elif isinstance(src, bytes):
+        if isinstance(src, bytes):
             target.write_bytes(src)
         else:
-            shutil.copy(sample(src), target)
+            (radiograph(src) if isinstance(src, str) else src).save_as(target)
     root.mkdir(exist_ok=True)
     if rows is None:
         rows = [{"file": rel} for rel in files]
@@ -70,11 +78,31 @@ def make_root(tmp_path: Path, files: dict[str, str | Dataset | bytes], rows: lis
     return root
 
 
+def private(root: Path) -> Path:
+    """Where the tests keep the salt file and the alias key (outside root and the work folder)."""
+    return root.parent / "private"
+
+
 def run(root: Path, cfg: dict | None = None) -> tuple[dict[str, ImageRecord], list[Rejected]]:
-    items = list(read(root, cfg or {}, root.parent / "work"))
+    """Read ``root``; records by file path and rejects with the file path as source (mapped back through the
+    private key: the source names files only by alias)."""
+    cfg = {"pseudonym_salt_file": str(private(root) / "salt"), **(cfg or {})}
+    items = list(read(root, cfg, root.parent / "work"))
     assert all(isinstance(item, (ImageRecord, Rejected)) for item in items)
-    records = {item.source: item for item in items if isinstance(item, ImageRecord)}
-    return records, [item for item in items if isinstance(item, Rejected)]
+    paths = key(Path(cfg["pseudonym_salt_file"]).parent)
+    records = {paths[item.source]: item for item in items if isinstance(item, ImageRecord)}
+    return records, [replace(item, source=paths.get(item.source, item.source)) for item in items
+                     if isinstance(item, Rejected)]
+
+
+def key(folder: Path) -> dict[str, str]:
+    """The private key the source wrote next to the salt file: alias or image id → file path."""
+    with open(folder / KEY_FILE, newline="") as handle:
+        return {row["name"]: row["path"] for row in csv.DictReader(handle)}
+
+
+def alias(root: Path, file: str) -> str:
+    return next(name for name, path in key(private(root)).items() if path == file and name.startswith("file-"))
 
 
 def png(record: ImageRecord) -> np.ndarray:
@@ -121,18 +149,20 @@ def test_encodings_decode_to_the_same_image(tmp_path, variant):
             pydicom.dcmread(sample(variant)).pixel_array
         except Exception as err:  # noqa: BLE001
             pytest.skip(f"no JPEG 2000 decoder installed for pydicom ({type(err).__name__})")
-    plain, _ = run(make_root(tmp_path / "plain", {"a.dcm": "MR_small.dcm"}))
-    encoded, rejects = run(make_root(tmp_path / "encoded", {"a.dcm": variant}))
+    salt = {"pseudonym_salt_file": str(tmp_path / "salt")}  # one salt for both folders
+    plain, _ = run(make_root(tmp_path / "plain", {"a.dcm": "MR_small.dcm"}), salt)
+    encoded, rejects = run(make_root(tmp_path / "encoded", {"a.dcm": variant}), salt)
     assert not rejects
     assert np.array_equal(png(encoded["a.dcm"]), png(plain["a.dcm"]))
     assert encoded["a.dcm"].image_id == plain["a.dcm"].image_id  # same SOP instance, same pseudonym
 
 
 def test_second_copy_of_an_instance_is_rejected(tmp_path):
-    records, rejects = run(make_root(tmp_path, {"a.dcm": "MR_small.dcm", "b.dcm": "MR_small_RLE.dcm"}))
+    root = make_root(tmp_path, {"a.dcm": "MR_small.dcm", "b.dcm": "MR_small_RLE.dcm"})
+    records, rejects = run(root)
     assert list(records) == ["a.dcm"]
     duplicate = one(rejects, "b.dcm")
-    assert duplicate.reason == "same image (SOP instance) as a.dcm, which is kept"
+    assert duplicate.reason == f"same image (SOP instance) as {alias(root, 'a.dcm')}, which is kept"
     assert duplicate.image_id is None  # convert must count it as an image, not as an annotation of a.dcm
 
 
@@ -159,11 +189,12 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path):
 
 def test_colour_multiframe_rle_uses_the_first_frame_in_grey(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    records, rejects = run(make_root(tmp_path, {"rgb.dcm": "SC_rgb_rle_2frame.dcm"}))
+    root = make_root(tmp_path, {"rgb.dcm": "SC_rgb_rle_2frame.dcm"})
+    records, rejects = run(root)
     assert not rejects
     rgb = pydicom.dcmread(sample("SC_rgb_rle_2frame.dcm")).pixel_array[0].astype(np.float64)
     assert correlation(png(records["rgb.dcm"]), rgb @ [0.299, 0.587, 0.114]) > 0.9999
-    assert "rgb.dcm: 2 frames, using the first only" in caplog.text
+    assert f"{alias(root, 'rgb.dcm')}: 2 frames, using the first only" in caplog.text
 
 
 def test_undecodable_and_pixel_less_files_are_rejected(tmp_path):
@@ -184,16 +215,19 @@ def test_no_identifier_leaves_the_source(tmp_path, caplog, monkeypatch):
     birth = dataset("CT_small.dcm", PatientName="Doe^Jane", PatientID="PID-4711", PatientBirthDate="19950614",
                     AccessionNumber="ACC778899", PatientAge=None, StudyInstanceUID=generate_uid())
     no_patient = dataset("MR_small.dcm", PatientID=None)
-    files = {"a.dcm": "CT_small.dcm", "b.dcm": "MR_small.dcm", "c.dcm": "MR_truncated.dcm",
+    files = {"a.dcm": "CT_small.dcm", "b.dcm": "MR_small.dcm", "LEAKID0003/c.dcm": "MR_truncated.dcm",
              "d.dcm": "SC_rgb_rle_2frame.dcm", "e.dcm": birth, "f.dcm": "JPEG-lossy.dcm", "g.dcm": no_patient,
-             "orphan.dcm": "rtplan.dcm"}
-    root = make_root(tmp_path, files, [{"file": rel} for rel in files if rel != "orphan.dcm"])
+             "DOE_JANE/orphan.dcm": "rtplan.dcm", "PID-4711_ct.dcm": sample("CT_small.dcm").read_bytes()}
+    rows = [{"file": rel} for rel in files if "orphan" not in rel] + [{"file": "LEAKID0004/gone.dcm"},
+                                                                        {"file": "../LEAKID0005.dcm"}]
+    root = make_root(tmp_path, files, rows)
     caplog.set_level(logging.DEBUG)
-    records, rejects = run(root, {"pseudonym_salt": "config-salt"})
-    assert len(records) == 5 and {r.source for r in rejects} == {"c.dcm", "f.dcm", "orphan.dcm"}
+    records, rejects = run(root)
+    assert len(records) == 5 and {r.source for r in rejects} == {
+        "LEAKID0003/c.dcm", "f.dcm", "DOE_JANE/orphan.dcm", "PID-4711_ct.dcm", "labels.csv:row 10", "labels.csv:row 11"}
     assert "2 frames" in caplog.text and "no PatientID" in caplog.text  # those log lines are covered too
 
-    secrets = {"pepper-123", "config-salt"}
+    secrets = {"pepper-123", "LEAKID", "DOE_JANE", "orphan", "gone.dcm"}
     for rel in files:
         ds = pydicom.dcmread(root / rel, stop_before_pixels=True)
         name = str(ds.get("PatientName", ""))
@@ -201,20 +235,59 @@ def test_no_identifier_leaves_the_source(tmp_path, caplog, monkeypatch):
         secrets |= {str(ds.get(k, "")) for k in ("PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate",
                                                  "SeriesDate", "SOPInstanceUID", "StudyInstanceUID",
                                                  "SeriesInstanceUID")}
-    secrets = {s for s in secrets if len(s) >= 3}
+    ids = {str(pydicom.dcmread(root / rel, stop_before_pixels=True).get(k, "")) for rel in files
+           for k in ("PatientID", "SOPInstanceUID")} - {""}
+    unsalted = {hashlib.sha256(value.encode()).hexdigest()[:n] for value in ids for n in (12, 16)}
+    secrets = {s for s in secrets if len(s) >= 3} | unsalted
     assert {"Doe^Jane", "Jane", "PID-4711", "19950614", "ACC778899", "CompressedSamples", "Lestrade"} <= secrets
-    texts = {"records and rejects": repr(list(records.values()) + rejects), "log": caplog.text}
+    texts = {"records and rejects": repr(list(read(root, {"pseudonym_salt_file": str(private(root) / "salt")},
+                                                    tmp_path / "work2"))),
+             "log": caplog.text}
     texts |= {str(path): path.read_bytes().decode("latin-1") for path in (tmp_path / "work").rglob("*")
               if path.is_file()}
     assert len(texts) == 7  # five PNGs written
     for where, text in texts.items():
         leaked = sorted(s for s in secrets if s in text)
         assert not leaked, f"{leaked} found in {where}"
+    assert "not a radiograph: modality CT" in one(rejects, "PID-4711_ct.dcm").reason
 
     assert records["a.dcm"].patient_id == hashlib.sha256(b"pepper-1231CT1").hexdigest()[:12]  # env wins
     assert records["e.dcm"].age == 8.6  # 1995-06-14 → 2004-01-19, computed; the dates are gone
     assert (records["a.dcm"].sex, records["b.dcm"].sex, records["a.dcm"].age, records["b.dcm"].age) == (
         "O", "F", 0.0, None)
+    assert stat.S_IMODE(os.stat(private(root) / KEY_FILE).st_mode) == 0o600  # the key to the aliases is private
+
+
+def test_without_a_salt_a_private_random_one_is_made_once_and_reused(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(SALT_ENV, raising=False)
+    root = make_root(tmp_path, {"a.dcm": "MR_small.dcm"})
+    caplog.set_level(logging.INFO)
+    records, _ = run(root)
+    salt_file = private(root) / "salt"
+    salt = salt_file.read_text().strip()
+    assert len(salt) == 64 and stat.S_IMODE(os.stat(salt_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(salt_file.parent).st_mode) == 0o700
+    assert str(salt_file) in caplog.text and salt not in caplog.text  # says where, never what
+    assert records["a.dcm"].patient_id == hashlib.sha256(f"{salt}4MR1".encode()).hexdigest()[:12]
+    assert records["a.dcm"].patient_id != hashlib.sha256(b"4MR1").hexdigest()[:12]
+    again, _ = run(root)  # a rerun keeps every pseudonym
+    assert (again["a.dcm"].patient_id, again["a.dcm"].image_id) == (records["a.dcm"].patient_id,
+                                                                     records["a.dcm"].image_id)
+    assert salt_file.read_text().strip() == salt
+
+
+def test_only_radiographs_are_films(tmp_path):
+    files = {"ct.dcm": sample("CT_small.dcm").read_bytes(), "mr.dcm": sample("MR_small.dcm").read_bytes(),
+             "nm.dcm": dataset("MR_small.dcm", Modality="NM"), "us.dcm": dataset("MR_small.dcm", Modality="US"),
+             "sc_rgb.dcm": sample("SC_rgb_rle.dcm").read_bytes(),
+             "cr.dcm": dataset("MR_small.dcm", Modality="CR"), "rg.dcm": dataset("MR_small.dcm", Modality="RG"),
+             "digitised.dcm": dataset("MR_small.dcm", Modality="OT"), "none.dcm": dataset("MR_small.dcm", Modality=None)}
+    records, rejects = run(make_root(tmp_path, files))
+    assert set(records) == {"cr.dcm", "rg.dcm", "digitised.dcm", "none.dcm"}
+    reasons = {reject.source: reject.reason for reject in rejects}
+    for file, modality in (("ct.dcm", "CT"), ("mr.dcm", "MR"), ("nm.dcm", "NM"), ("us.dcm", "US"), ("sc_rgb.dcm", "OT")):
+        assert reasons[file].startswith(f"not a radiograph: modality {modality}"), reasons[file]
+    assert "colour secondary capture" in reasons["sc_rgb.dcm"] and "CT Image Storage" in reasons["ct.dcm"]
 
 
 def test_scrub_removes_uids_dates_root_and_patient_values(tmp_path):
@@ -225,12 +298,6 @@ def test_scrub_removes_uids_dates_root_and_patient_values(tmp_path):
     assert scrub(message, ds, tmp_path) == (
         "cannot read x/a.dcm: element [removed] dated [removed] for [removed] ([removed], [removed]) "
         "at 8130 vs 8192 bytes")
-
-
-def test_config_salt_is_used_without_the_environment_variable(tmp_path, monkeypatch):
-    monkeypatch.delenv(SALT_ENV, raising=False)
-    records, _ = run(make_root(tmp_path, {"a.dcm": "MR_small.dcm"}), {"pseudonym_salt": "config-salt"})
-    assert records["a.dcm"].patient_id == hashlib.sha256(b"config-salt4MR1").hexdigest()[:12]
 
 
 def test_studies_are_ranked_per_patient_and_header_fields_mapped(tmp_path):
@@ -267,14 +334,18 @@ def test_rows_and_files_must_meet(tmp_path, caplog):
             {"file": "../outside.dcm"},
             {"file": "text_with_row.txt"}]
     caplog.set_level(logging.INFO)
-    records, rejects = run(make_root(tmp_path, files, rows))
+    root = make_root(tmp_path, files, rows)
+    records, rejects = run(root)
     assert list(records) == ["a.dcm"]
     assert records["a.dcm"].fracture_visible and records["a.dcm"].ao_codes == ["23r-E/2.1", "23u-E/7"]
     assert one(rejects, "orphan.dcm").reason == "DICOM file without a label row in labels.csv"
-    assert one(rejects, "labels.csv:row 3").reason == "file gone.dcm does not exist under the data set root"
-    assert one(rejects, "labels.csv:row 4").reason == "a second row for a.dcm (the first is labels.csv:row 2)"
-    assert "bad value for bad_flag.dcm: flag value 'maybe'" in one(rejects, "labels.csv:row 5").reason
-    assert "not a path inside the data set root" in one(rejects, "labels.csv:row 6").reason
+    assert one(rejects, "labels.csv:row 3").reason == (
+        f"file {alias(root, 'gone.dcm')} does not exist under the data set root")
+    assert one(rejects, "labels.csv:row 4").reason == (
+        f"a second row for {alias(root, 'a.dcm')} (the first is labels.csv:row 2)")
+    assert f"bad value for {alias(root, 'bad_flag.dcm')}: flag value 'maybe'" in one(rejects, "labels.csv:row 5").reason
+    assert one(rejects, "labels.csv:row 6").reason == (
+        f"file {alias(root, '../outside.dcm')} is not a path inside the data set root")
     assert "no DICOM pixel data" in one(rejects, "text_with_row.txt").reason
     assert len(rejects) == 6  # notes.txt is neither DICOM nor listed: ignored, and the log says so
     assert "ignored 1 file(s) that are neither DICOM nor listed in labels.csv" in caplog.text
@@ -284,7 +355,8 @@ def test_boxes_are_clipped_and_bad_ones_rejected(tmp_path):
     good = [["fracture", 10, 10, 20, 20], ["metal", 60, 60, 10, 10], [3, 0, 0, 5, 5], ["tumour", 1, 1, 2, 2],
             ["text", 100, 100, 5, 5], ["text", 1, 1, 0, 5], "junk"]
     rows = [{"file": "a.dcm", "boxes": json.dumps(good)}, {"file": "b.dcm", "boxes": "[[fracture, 1"}]
-    records, rejects = run(make_root(tmp_path, {"a.dcm": "MR_small.dcm", "b.dcm": "CT_small.dcm"}, rows))
+    root = make_root(tmp_path, {"a.dcm": "MR_small.dcm", "b.dcm": "CT_small.dcm"}, rows)
+    records, rejects = run(root)
     record = records["a.dcm"]  # MR_small is 64×64
     assert record.boxes == [Box("fracture", 10, 10, 20, 20), Box("metal", 60, 60, 4, 4), Box("fracture", 0, 0, 5, 5)]
     boxes = {r.source: r for r in rejects if r.image_id == record.image_id}
@@ -294,7 +366,7 @@ def test_boxes_are_clipped_and_bad_ones_rejected(tmp_path):
     assert "expected [class, x, y, w, h]" in boxes["labels.csv:row 2 box 7"].reason
     assert len(boxes) == 4
     bad_json = one(rejects, "labels.csv:row 3")  # the whole row: its image is not kept without its boxes
-    assert "bad value for b.dcm" in bad_json.reason and bad_json.image_id is None and "b.dcm" not in records
+    assert f"bad value for {alias(root, 'b.dcm')}" in bad_json.reason and bad_json.image_id is None and "b.dcm" not in records
 
 
 def test_custom_labels_csv_name(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("grazpedwri", "voc", "dicom")
 MANIFEST_COLUMNS = [
     "image_id", "patient_id", "study", "view", "laterality", "age", "sex", "path", "width", "height",
-    "bit_depth", "ao_codes", "ao_unknown", "fracture_visible", "diagnosis_uncertain", "label", "sh_type",
-    "split",
+    "bit_depth", "ao_codes", "ao_unknown", "fracture_visible", "diagnosis_uncertain", "boxes_clipped", "label",
+    "sh_type", "split",
 ]
 REJECT_COLUMNS = ["source", "reason", "image_id", "level"]
 BOX_COLUMNS = ["image_id", "class", "x", "y", "w", "h"]
@@ -70,6 +71,7 @@ def label_records(records: list[ImageRecord], cfg: dict) -> tuple[pd.DataFrame, 
         row.pop("source")
         row["ao_codes"] = [code.normalized for code in codes if code.kind != "unknown"]
         row["ao_unknown"] = [code.raw for code in codes if code.kind == "unknown"]
+        row["boxes_clipped"] = sum(box.clipped for box in record.boxes)
         row["label"] = label.value
         row["sh_type"] = label.sh_type
         rows.append(row)
@@ -96,31 +98,45 @@ def summarize(manifest: pd.DataFrame, table: pd.DataFrame) -> dict:
         for name, part in manifest.groupby("split")
     }
     return {"images_in": kept + rejected + excluded, "kept": kept, "rejected": rejected, "excluded": excluded,
-            "annotations_rejected": int(levels.get("annotation", 0)), "splits": per_split,
+            "annotations_rejected": int(levels.get("annotation", 0)),
+            "boxes_clipped": int(manifest["boxes_clipped"].sum()), "splits": per_split,
             "exclusion_reasons": table.loc[table["level"] == "excluded", "reason"].value_counts().to_dict()}
 
 
-def convert(cfg: dict, out_dir: str | Path) -> dict:
-    """Run the whole stage and write its outputs under ``out_dir``; return the summary."""
+def reason_kind(reason: str) -> str:
+    """A reject reason without its particulars (names, numbers), for counting reasons of one kind."""
+    head = re.split(r"[:(]", reason, maxsplit=1)[0]
+    return re.sub(r"'[^']*'|\S*\d\S*", "…", head).strip() or reason
+
+
+def reason_counts(table: pd.DataFrame) -> str:
+    """``"12 × unreadable image, 3 × CSV row without image"`` for the rejected (not excluded) rows."""
+    counts = table.loc[table["level"] != "excluded", "reason"].map(reason_kind).value_counts()
+    return ", ".join(f"{count} × {kind}" for kind, count in counts.items())
+
+
+def convert(cfg: dict, out_dir: str | Path, failure_rejects: str | Path | None = None) -> dict:
+    """Run the whole stage and write its outputs under ``out_dir``; return the summary.
+
+    When the data set as a whole is unusable (:class:`ConvertError`, :class:`splits.SplitError`), the
+    rejects table is still written, to ``out_dir`` and to ``failure_rejects`` (a path that survives the
+    failed job, e.g. in the log folder), and the error says where.
+    """
     out_dir = Path(out_dir)
     records, rejects = collect(cfg, out_dir)
-    if not records:
-        raise ConvertError(f"{cfg['dataset']['root']}: no usable image found ({len(rejects)} rejected)")
     manifest, boxes, excluded = label_records(records, cfg)
     table = reject_table(rejects, excluded, set(manifest["image_id"]))
-    if cfg["convert"]["strict"] and len(rejects):
-        first = rejects[0]
-        raise ConvertError(f"strict mode: {len(rejects)} rejected input(s), first: {first.source}: {first.reason}")
-    if manifest.empty:
-        raise ConvertError(f"{cfg['dataset']['root']}: every image was excluded from target {cfg['target']['name']!r}")
-
-    split_cfg = cfg["split"]
-    if split_cfg.get("file"):
-        manifest = splits.apply_split_file(manifest, split_cfg["file"])
-    else:
-        manifest = splits.assign_splits(manifest, split_cfg["fractions"], split_cfg["seed"], split_cfg["folds"])
-    splits.check_splits(manifest)
-    manifest["coco_id"] = range(1, len(manifest) + 1)
+    write_parquet(table, out_dir / "rejected.parquet")
+    table.to_csv(out_dir / "rejected.csv", index=False)
+    try:
+        manifest = check_and_split(cfg, manifest, table, len(records), len(rejects))
+    except (ConvertError, splits.SplitError) as err:
+        if failure_rejects is not None:
+            table.to_csv(failure_rejects, index=False)
+        where = failure_rejects or out_dir / "rejected.csv"
+        raise type(err)(f"{err} (every rejected and excluded input, with its reason: {where})") from None
+    if failure_rejects is not None:
+        Path(failure_rejects).unlink(missing_ok=True)  # from an earlier failed run
 
     summary = summarize(manifest, table)
     export.write_coco(manifest, boxes, out_dir / "coco")
@@ -128,17 +144,36 @@ def convert(cfg: dict, out_dir: str | Path) -> dict:
     if cfg["convert"]["tfrecord"]:
         export.write_tfrecords(manifest, boxes, out_dir / "tfrecord", cfg["convert"]["tfrecord_shard_size"])
     write_parquet(boxes, out_dir / "boxes.parquet")
-    write_parquet(table, out_dir / "rejected.parquet")
-    table.to_csv(out_dir / "rejected.csv", index=False)
     write_json(summary, out_dir / "summary.json")
     write_parquet(manifest, out_dir / "manifest.parquet")  # last: its presence means the stage finished
     log.info(format_summary(summary))
     return summary
 
 
+def check_and_split(cfg: dict, manifest: pd.DataFrame, table: pd.DataFrame, n_records: int,
+                    n_rejects: int) -> pd.DataFrame:
+    """Refuse a data set that cannot be used as a whole; else the manifest with its patient-level split."""
+    root = cfg["dataset"]["root"]
+    if not n_records:
+        raise ConvertError(f"{root}: no usable image found ({n_rejects} rejected: {reason_counts(table)})")
+    if cfg["convert"]["strict"] and n_rejects:
+        raise ConvertError(f"convert.strict is true and {n_rejects} input(s) were rejected: {reason_counts(table)}")
+    if manifest.empty:
+        raise ConvertError(f"{root}: every image was excluded from target {cfg['target']['name']!r}")
+    split_cfg = cfg["split"]
+    if split_cfg.get("file"):
+        manifest = splits.apply_split_file(manifest, split_cfg["file"])
+    else:
+        manifest = splits.assign_splits(manifest, split_cfg["fractions"], split_cfg["seed"], split_cfg["folds"])
+    splits.check_splits(manifest)
+    manifest["coco_id"] = range(1, len(manifest) + 1)
+    return manifest
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"images in {summary['images_in']} = kept {summary['kept']} + rejected {summary['rejected']}"
-             f" + excluded {summary['excluded']}  (annotations rejected: {summary['annotations_rejected']})"]
+             f" + excluded {summary['excluded']}  (annotations rejected: {summary['annotations_rejected']}; boxes "
+             f"clipped to their image: {summary['boxes_clipped']})"]
     for name in splits.SPLITS:
         s = summary["splits"].get(name, {"images": 0, "patients": 0, "positives": 0})
         lines.append(f"  {name:5s}: {s['images']} images, {s['patients']} patients, {s['positives']} positives")

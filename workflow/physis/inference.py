@@ -77,9 +77,10 @@ def predict_file(path: str | Path, model_dir: str | Path) -> float:
     from physis import preprocess
     from physis.images import write_gray16
 
+    film = _read_any(Path(path))  # first: a file that is no film fails before the model loads
     plugin, model, cfg = load_trained(model_dir)
     recipe = json.loads((Path(model_dir) / "recipe.json").read_text())
-    image, _, _ = preprocess.preprocess_array(_read_any(Path(path)), recipe["params"])
+    image, _, _ = preprocess.preprocess_array(film, recipe["params"])
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "image.png"
         write_gray16(png, np.round(image * 65535))
@@ -89,13 +90,18 @@ def predict_file(path: str | Path, model_dir: str | Path) -> float:
 
 
 def _read_any(path: Path) -> np.ndarray:
-    """A 16-bit grey array from a PNG/JPEG or a DICOM file (same pixel pipeline as convert)."""
+    """A 16-bit grey array from a PNG/JPEG/TIFF or a DICOM radiograph (same pixel pipeline as convert).
+
+    Anything else is a ``ValueError`` naming the file and the reason (the CLI prints it in one line).
+    """
     from physis.images import read_gray
 
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a film")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         return read_gray(path)
-    import pydicom
+    from physis.sources.dicom import read_film
 
-    from physis.sources.dicom import grey_pixels
-
-    return grey_pixels(pydicom.dcmread(path), path.name)
+    return read_film(path)

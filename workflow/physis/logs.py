@@ -14,12 +14,24 @@ T = TypeVar("T")
 
 
 def setup(log_file: str | None = None, level: int = logging.INFO) -> None:
-    """Send physis' log lines to stderr and, when given, to ``log_file`` (Snakemake's ``log:``)."""
+    """Send physis' log lines to stderr and, when given, to ``log_file`` (Snakemake's ``log:``).
+
+    An exception that ends the process is logged too, so a failed job's log file holds its cause,
+    not only the console.
+    """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         handlers.append(logging.FileHandler(log_file, mode="w"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind, value, traceback) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("physis").critical("failed: %s: %s", kind.__name__, value, exc_info=(kind, value, traceback))
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, every_s: float = 10.0) -> Iterator[T]:

@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import struct
 import sys
 import zlib
@@ -1095,18 +1096,53 @@ def _write_film(root: Path, folder: str, spec: PhantomImage, size_scale: float) 
     return [box.cls for box in boxes]
 
 
+#: Written first into every folder the phantom fills; the phantom writes only where it finds this
+#: file or an empty folder, so it can never overwrite a user's own data set.
+MARKER = ".physis-phantom"
+
+
+class PhantomFolderError(ValueError):
+    """The target folder holds files the phantom did not write."""
+
+
+def check_folder(root: Path) -> None:
+    """Raise :class:`PhantomFolderError` unless ``root`` is missing, empty or marked as the phantom's."""
+    root = Path(root)
+    if (root / MARKER).is_file() or not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    raise PhantomFolderError(
+        f"{root} holds files the phantom did not write (no {MARKER} marker), and the phantom writes only into "
+        "an empty folder or one it created. If this is your data set, set dataset.phantom.enabled: false; "
+        "otherwise choose an empty folder for the phantom.")
+
+
+def claim_folder(root: Path) -> None:
+    """Make ``root`` the phantom's folder (see :func:`check_folder`) and mark it.
+
+    A marked folder is cleared of the phantom's earlier files, so a smaller phantom leaves no stale films.
+    """
+    check_folder(root)
+    for name in (*IMAGE_FOLDERS, "folder_structure", "dataset.csv"):
+        target = root / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by physis.phantom; the phantom may overwrite this folder\n")
+
+
 def generate(root: str | Path, n_patients: int = 200, seed: int = 0, physeal_rate: float = 0.3,
              size_scale: float = 1.0, workers: int = 1) -> dict:
-    """Write the phantom into ``root`` (created if missing); return a small summary dict (counts).
+    """Write the phantom into ``root`` (see :func:`claim_folder`); return a small summary dict (counts).
 
     ``workers`` > 1 renders films in that many processes; the files are the same either way.
-    Files an earlier run left in ``root`` are overwritten but not removed: use an empty folder.
     """
     root = Path(root)
     images = plan(n_patients, seed, physeal_rate)
+    claim_folder(root)
     for folder in (*IMAGE_FOLDERS, LABEL_DIR, VOC_DIR):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    write_csv(root / "dataset.csv", images)
     # the release splits its images over four zips in file-name order
     folders = [IMAGE_FOLDERS[index * len(IMAGE_FOLDERS) // len(images)] for index in range(len(images))]
     jobs = ([root] * len(images), folders, images, [size_scale] * len(images))
@@ -1115,6 +1151,7 @@ def generate(root: str | Path, n_patients: int = 200, seed: int = 0, physeal_rat
             classes = list(pool.map(_write_film, *jobs, chunksize=8))
     else:
         classes = list(map(_write_film, *jobs))
+    write_csv(root / "dataset.csv", images)  # last: the workflow's phantom rule tracks it as "done"
     physeal = {image.patient_id for image in images if any(f.kind.startswith("SH") for f in image.fractures)}
     return {
         "patients": n_patients,

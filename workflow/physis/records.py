@@ -38,13 +38,17 @@ YOLO_LABEL_DIR = "folder_structure/yolov5/labels"
 
 @dataclass(frozen=True)
 class Box:
-    """One annotated box in pixels of the original image: top-left corner, width, height."""
+    """One annotated box in pixels of the original image: top-left corner, width, height.
+
+    ``clipped``: the annotation reached outside the image and was cut to it (counted in the manifest).
+    """
 
     cls: str
     x: float
     y: float
     w: float
     h: float
+    clipped: bool = field(default=False, compare=False)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 
@@ -11,23 +12,34 @@ LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 
 
-def dataset_marker():
-    """convert's input: the phantom rule's output when the phantom is on, else the user's files."""
-    root = Path(config["dataset"]["root"])
-    marker = {"grazpedwri": "dataset.csv", "voc": "Annotations", "dicom": config["dataset"]["labels_csv"]}
-    return str(root / marker[config["dataset"]["format"]])
-
-
-# ---- models: names come from config, plugins from the registry (plugins/ + entry points)
+from physis import config as physis_config
+from physis import fingerprint, runlock
 from physis import plugins as plugin_registry
 from physis import train as physis_train
 
+# ---- models: names come from config, plugins from the registry (plugins/ + entry points)
 PLUGINS = plugin_registry.discover(config["plugin_dirs"])
-for _name, _entry in config["models"].items():
-    _plugin = _entry.get("plugin") or _name
-    if _plugin not in PLUGINS:
-        raise ValueError(f"models.{_name}: no plugin named {_plugin!r} (known: {', '.join(PLUGINS)})")
-    plugin_registry.resolve_params(PLUGINS[_plugin], _entry.get("params"))
+physis_config.check(config, PLUGINS)
+
+# ---- a run killed earlier leaves a lock; only the main Snakemake process (not a job) clears it
+if workflow.is_main_process:
+    _lock_note = runlock.clear_stale_lock(".")
+    if _lock_note:
+        logger.warning(_lock_note)
+
+PHANTOM = config["dataset"]["phantom"]["enabled"]
+INPUT_FINGERPRINT = f"{DATA}/input_fingerprint.json"
+if not PHANTOM and workflow.is_main_process:
+    fingerprint.update(config["dataset"]["root"], INPUT_FINGERPRINT)
+
+
+def convert_inputs():
+    """The phantom rule's output when the phantom is on; else the user's index file and the fingerprint
+    of every file under dataset.root, which changes whenever a file is added, removed or changed."""
+    root = Path(config["dataset"]["root"])
+    marker = {"grazpedwri": "dataset.csv", "voc": "Annotations", "dicom": config["dataset"]["labels_csv"]}
+    index = str(root / marker[config["dataset"]["format"]])
+    return [index] if PHANTOM else [index, INPUT_FINGERPRINT]
 
 
 def model_plugin(name):

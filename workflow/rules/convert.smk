@@ -1,4 +1,4 @@
-if config["dataset"]["phantom"]["enabled"]:
+if PHANTOM:
 
     rule phantom:
         output:
@@ -16,7 +16,7 @@ if config["dataset"]["phantom"]["enabled"]:
 
 rule convert:
     input:
-        dataset_marker(),
+        convert_inputs(),
     output:
         manifest=f"{DATA}/manifest.parquet",
         boxes=f"{DATA}/boxes.parquet",
@@ -24,6 +24,8 @@ rule convert:
         summary=f"{DATA}/summary.json",
         coco=directory(f"{DATA}/coco"),
         tfrecord=directory(f"{DATA}/tfrecord"),
+    params:
+        failure_rejects=f"{LOGS}/convert_rejected.csv",
     log:
         f"{LOGS}/convert.log",
     benchmark:

@@ -7,7 +7,11 @@ shared by several layouts (flags, numbers, projections, box clipping) live here.
 
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
+
+import pandas as pd
 
 from physis.records import Box
 
@@ -17,6 +21,34 @@ PROJECTION_VIEWS = {"1": "ap", "2": "lat", "3": "oblique"}
 
 class DataSourceError(ValueError):
     """The input as a whole cannot be used; the message names the file and the reason."""
+
+
+def read_table(path: Path, encoding: str = "utf-8-sig", required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV read as text (every cell a string, empty stays empty); fail naming the file and the reason.
+
+    The release and the label files are UTF-8. A file saved by Excel on Windows is often Windows-1252:
+    that is an error with the byte offset and how to convert, not a guess (``dataset.csv_encoding``
+    reads a file whose encoding you know).
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataSourceError(
+            f"{path}: not {encoding.removesuffix('-sig').upper()} text: byte 0x{data[err.start]:02x} at offset "
+            f"{err.start} cannot be decoded. Convert the file (a spreadsheet saved on Windows is usually "
+            f"Windows-1252: iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8.csv) or set "
+            "dataset.csv_encoding to its encoding (e.g. cp1252)") from None
+    except LookupError:
+        raise DataSourceError(f"dataset.csv_encoding: {encoding!r} is not an encoding Python knows") from None
+    try:
+        frame = pd.read_csv(io.StringIO(text.removeprefix("\ufeff")), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise DataSourceError(f"{path}: not a readable CSV ({err})") from err
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise DataSourceError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
 
 
 def parse_flag(value: str) -> bool:
@@ -50,4 +82,4 @@ def fit_box(cls: str, x: float, y: float, w: float, h: float, width: int, height
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
     if x1 - x0 < 1.0 or y1 - y0 < 1.0:
         return f"{where} has less than one pixel inside the {width}×{height} image"
-    return Box(cls, x0, y0, x1 - x0, y1 - y0)
+    return Box(cls, x0, y0, x1 - x0, y1 - y0, clipped=(x0, y0, x1, y1) != (x, y, x + w, y + h))

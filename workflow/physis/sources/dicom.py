@@ -9,21 +9,31 @@ path; either one alone is rejected, and so is a second file holding the same SOP
 Pixels go through pydicom's own helpers (modality LUT, then VOI LUT or window, MONOCHROME1
 inverted so bone is bright), are scaled linearly to 0–65535 and written as a 16-bit PNG.
 
+Only radiographs are films: modality CR, DX, DR or RG, or a monochrome image with no modality, OT or
+SC (a digitised film); CT, MR, NM, US, colour secondary captures and the rest are rejected, the
+modality named in the reason.
+
 Privacy: nothing that identifies a patient leaves this module. ``patient_id`` is
 ``sha256(salt + PatientID)[:12]``, ``image_id`` a salted hash of the SOP Instance UID, ``study``
 the rank of the study among the patient's studies, and age is computed, never the dates behind
-it. The salt comes from ``PHYSIS_PSEUDONYM_SALT`` (else ``dataset.pseudonym_salt``) and is
-never logged. Reject reasons and log lines quote only paths relative to root and text with
-dates, UIDs and the file's patient identifiers removed.
+it. File paths are never written either (PACS exports name folders after the patient): rejects and
+log lines name a file by its alias ``file-<salted hash of its path>``, and the table that maps
+aliases and image ids back to paths is written next to the salt, outside the results. The salt
+comes from ``PHYSIS_PSEUDONYM_SALT``, else from the salt file (``dataset.pseudonym_salt_file``),
+which is created with a random salt and owner-only permissions on the first run; it is never
+logged. Reject reasons and log lines also have dates, UIDs and the file's patient identifiers
+removed.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -42,11 +52,17 @@ from physis.images import write_gray16
 from physis.io import atomic_path
 from physis.records import YOLO_CLASSES, Box, ImageRecord, Rejected
 from physis.sources import DataSourceError
-from physis.sources import fit_box, parse_flag
+from physis.sources import fit_box, parse_flag, read_table
 
 log = logging.getLogger(__name__)
 
 SALT_ENV = "PHYSIS_PSEUDONYM_SALT"
+#: Where the aliases of the files are mapped back to their paths, next to the salt file.
+KEY_FILE = "dicom_paths.csv"
+#: Modalities of projection radiographs (CR computed, DX digital, DR legacy digital, RG film).
+XRAY_MODALITIES = ("CR", "DX", "DR", "RG")
+#: Modalities that may hold a digitised radiograph (other, secondary capture, none): kept when monochrome.
+UNSPECIFIC_MODALITIES = ("", "OT", "SC")
 REQUIRED_COLUMNS = ("file", "ao_classification", "fracture_visible")
 #: Header elements whose values identify a patient or a visit; scrubbed from any text we emit.
 IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
@@ -73,9 +89,53 @@ def pseudonym(salt: str, value: str, length: int = 12) -> str:
     return hashlib.sha256((salt + value).encode("utf-8")).hexdigest()[:length]
 
 
+def salt_file(cfg: dict) -> Path:
+    return Path(cfg.get("pseudonym_salt_file") or ".physis/pseudonym_salt")
+
+
 def salt_from(cfg: dict) -> str:
-    """The pseudonym salt: the environment variable wins over the config key."""
-    return os.environ.get(SALT_ENV) or cfg.get("pseudonym_salt", "") or ""
+    """The pseudonym salt: the environment variable, else the salt file, else a new random salt saved there.
+
+    The file is created owner-only (0600, in a 0700 folder): anyone holding it and the original IDs can
+    recompute the pseudonyms. Copy it to another site to give the same patient the same pseudonym there.
+    """
+    if os.environ.get(SALT_ENV):
+        return os.environ[SALT_ENV]
+    path = salt_file(cfg)
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    salt = secrets.token_hex(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(salt + "\n")
+    log.warning("no pseudonym salt was set (%s): generated a random one in %s (owner-only). Keep it: the same "
+                "salt gives the same pseudonyms on every rerun; copy it to other sites to pool their data",
+                SALT_ENV, path)
+    return salt
+
+
+class Aliases:
+    """File paths → ``file-<salted hash>`` names for rejects and logs; remembers them for the key file."""
+
+    def __init__(self, salt: str):
+        self.salt = salt
+        self.paths: dict[str, str] = {}  # alias → path
+        self.images: dict[str, str] = {}  # image id → path
+
+    def __call__(self, file: str) -> str:
+        alias = f"file-{pseudonym(self.salt, 'path:' + file, 12)}"
+        self.paths[alias] = file
+        return alias
+
+    def write(self, path: Path) -> None:
+        """The private key: alias or image id → path, owner-only, never under the results folder."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["name", "path"])
+            writer.writerows(sorted({**self.paths, **self.images}.items()))
 
 
 def scrub(text: str, ds: Dataset | None = None, root: Path | None = None) -> str:
@@ -91,8 +151,9 @@ def scrub(text: str, ds: Dataset | None = None, root: Path | None = None) -> str
     return text[:300]
 
 
-def _describe(err: BaseException, ds: Dataset | None, root: Path) -> str:
-    return scrub(str(err), ds, root) or type(err).__name__
+def _describe(err: BaseException, ds: Dataset | None, root: Path, file: str, name: str) -> str:
+    """An exception's message, fit for a reject: the file's path replaced by its alias, then scrubbed."""
+    return scrub(str(err).replace(str(root / file), name).replace(file, name), ds, root) or type(err).__name__
 
 
 def age_years(ds: Dataset) -> float | None:
@@ -152,20 +213,15 @@ def grey_pixels(ds: Dataset, source: str) -> np.ndarray:
     return 65535 - scaled if photometric == "MONOCHROME1" else scaled
 
 
-def read_label_rows(path: Path) -> tuple[dict[str, LabelRow | None], list[Rejected]]:
-    """Label rows by normalised file path; unusable and duplicate rows become rejects.
+def read_label_rows(path: Path, alias: Aliases, encoding: str = "utf-8-sig"
+                    ) -> tuple[dict[str, LabelRow | None], list[Rejected]]:
+    """Label rows by normalised file path; unusable and duplicate rows become rejects (naming files by alias).
 
     A file whose row was rejected maps to None: that reject already accounts for it.
     """
     if not path.is_file():
         raise DataSourceError(f"{path}: labels CSV not found (dataset.labels_csv names it)")
-    try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataSourceError(f"{path}: not a readable CSV ({err})") from err
-    missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
-    if missing:
-        raise DataSourceError(f"{path}: missing column(s) {', '.join(missing)}")
+    frame = read_table(path, encoding, REQUIRED_COLUMNS)
     rows: dict[str, LabelRow | None] = {}
     first_row: dict[str, str] = {}
     rejects: list[Rejected] = []
@@ -173,10 +229,10 @@ def read_label_rows(path: Path) -> tuple[dict[str, LabelRow | None], list[Reject
         source = f"{path.name}:row {number}"
         file = _normalise_path(row["file"])
         if file is None:
-            rejects.append(Rejected(source, f"file {row['file']!r} is not a path inside the data set root"))
+            rejects.append(Rejected(source, f"file {alias(row['file'])} is not a path inside the data set root"))
             continue
         if file in first_row:
-            rejects.append(Rejected(source, f"a second row for {file} (the first is {first_row[file]})"))
+            rejects.append(Rejected(source, f"a second row for {alias(file)} (the first is {first_row[file]})"))
             continue
         first_row[file] = source
         try:
@@ -186,7 +242,7 @@ def read_label_rows(path: Path) -> tuple[dict[str, LabelRow | None], list[Reject
             rows[file] = LabelRow(source, ao.split_codes(row["ao_classification"]), parse_flag(row["fracture_visible"]),
                                   parse_flag(row.get("diagnosis_uncertain", "")), boxes)
         except ValueError as err:  # json.JSONDecodeError is a ValueError
-            rejects.append(Rejected(source, f"bad value for {file}: {err}"))
+            rejects.append(Rejected(source, f"bad value for {alias(file)}: {err}"))
             rows[file] = None
     return rows, rejects
 
@@ -259,14 +315,14 @@ def _study_ranks(root: Path, files: list[str], salt: str) -> dict[str, tuple[str
     return {file: (pid, order[pid][study]) for file, (pid, study) in keys.items()}
 
 
-def _convert(root: Path, file: str, label: LabelRow, patient: tuple[str, int] | None, salt: str,
+def _convert(root: Path, file: str, label: LabelRow, patient: tuple[str, int] | None, alias: Aliases,
              work_dir: Path, kept: dict[str, str]) -> tuple[ImageRecord | Rejected, list[Rejected]]:
     """One labelled file → its record (and box rejects), or one image-level reject."""
     with warnings.catch_warnings(record=True) as caught:  # pydicom's warnings may quote header values
         warnings.simplefilter("always")
-        ds, result = _decode(root, file, salt, kept)
+        ds, result = _decode(root, file, alias, kept)
     for note in caught:
-        log.debug("%s: pydicom: %s", file, scrub(str(note.message), ds, root))
+        log.debug("%s: pydicom: %s", alias(file), scrub(str(note.message), ds, root))
     if isinstance(result, Rejected):
         return result, []
     image_id, pixels = result
@@ -274,38 +330,84 @@ def _convert(root: Path, file: str, label: LabelRow, patient: tuple[str, int] | 
     path = Path(work_dir) / "images" / f"{image_id}.png"
     with atomic_path(path) as tmp:
         write_gray16(tmp, pixels)
-    kept[image_id] = file
+    kept[image_id] = alias(file)
+    alias.images[image_id] = file
     patient_id, study = patient or (image_id[:12], 1)
     boxes, box_rejects = read_boxes(label.boxes, width, height, label.source, image_id)
     record = ImageRecord(
         image_id=image_id, patient_id=patient_id, study=study, view=view_of(ds), laterality=laterality_of(ds),
         age=age_years(ds), sex=sex_of(ds), path=str(path), width=width, height=height, bit_depth=16,
         ao_codes=label.ao_codes, fracture_visible=label.fracture_visible,
-        diagnosis_uncertain=label.diagnosis_uncertain, boxes=boxes, source=file,
+        diagnosis_uncertain=label.diagnosis_uncertain, boxes=boxes, source=alias(file),
     )
     return record, box_rejects
 
 
-def _decode(root: Path, file: str, salt: str,
+def _decode(root: Path, file: str, alias: Aliases,
             kept: dict[str, str]) -> tuple[Dataset | None, tuple[str, np.ndarray] | Rejected]:
     """Read and decode one file: the dataset (when read) and either (image id, grey pixels) or a reject."""
+    name = alias(file)
     try:
         ds = pydicom.dcmread(root / file, force=True)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken files
-        return None, Rejected(file, f"not a readable DICOM file: {_describe(err, None, root)}")
+        return None, Rejected(name, f"not a readable DICOM file: {_describe(err, None, root, file, name)}")
     if "PixelData" not in ds:
-        kind = getattr(ds.get("SOPClassUID"), "name", "")
-        what = f" ({kind})" if kind and not _UID_OR_DATE.search(kind) else ""
-        return ds, Rejected(file, f"no image: the file{what} has no DICOM pixel data")
+        return ds, Rejected(name, f"no image: the file{_sop_class(ds)} has no DICOM pixel data")
+    not_a_film = _not_a_radiograph(ds)
+    if not_a_film:
+        return ds, Rejected(name, not_a_film)
     try:
-        pixels = grey_pixels(ds, file)
+        pixels = grey_pixels(ds, name)
     except Exception as err:  # noqa: BLE001 - decoders raise many types
-        return ds, Rejected(file, f"pixel data cannot be decoded ({_syntax_name(ds)}): {_describe(err, ds, root)}")
+        return ds, Rejected(name, f"pixel data cannot be decoded ({_syntax_name(ds)}): "
+                                  f"{_describe(err, ds, root, file, name)}")
     instance = str(ds.get("SOPInstanceUID", "") or "").strip()
-    image_id = pseudonym(salt, instance or f"path:{file}", 16)
+    image_id = pseudonym(alias.salt, instance or f"path:{file}", 16)
     if image_id in kept:
-        return ds, Rejected(file, f"same image (SOP instance) as {kept[image_id]}, which is kept")
+        return ds, Rejected(name, f"same image (SOP instance) as {kept[image_id]}, which is kept")
     return ds, (image_id, pixels)
+
+
+def _sop_class(ds: Dataset) -> str:
+    """`` (CT Image Storage)``: the SOP class's name for a reason, or nothing."""
+    kind = getattr(ds.get("SOPClassUID"), "name", "")
+    return f" ({kind})" if kind and not _UID_OR_DATE.search(kind) else ""
+
+
+def _not_a_radiograph(ds: Dataset) -> str | None:
+    """Why the image is not an X-ray film (see the module docstring), or None when it is one."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in XRAY_MODALITIES:
+        return None
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if modality in UNSPECIFIC_MODALITIES and photometric.startswith("MONOCHROME"):
+        return None
+    what = f"modality {modality}" if modality else "no modality"
+    if modality in UNSPECIFIC_MODALITIES:
+        what += f", {photometric or 'colour'} pixels (a colour secondary capture)"
+    return (f"not a radiograph: {what}{_sop_class(ds)}; physis takes X-ray films "
+            f"(modality {', '.join(XRAY_MODALITIES)}, or a monochrome digitised film)")
+
+
+def read_film(path: Path) -> np.ndarray:
+    """One DICOM radiograph's grey pixels (as convert writes them); a ValueError naming the reason otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+    except Exception as err:  # noqa: BLE001 - InvalidDicomError for other files, anything for odd bytes
+        raise ValueError(f"{path}: neither an image (PNG, JPEG, TIFF) nor a readable DICOM file "
+                         f"({type(err).__name__})") from None
+    if "PixelData" not in ds:
+        raise ValueError(f"{path}: no image: the DICOM file{_sop_class(ds)} has no pixel data")
+    not_a_film = _not_a_radiograph(ds)
+    if not_a_film:
+        raise ValueError(f"{path}: {not_a_film}")
+    try:
+        return grey_pixels(ds, path.name)
+    except Exception as err:  # noqa: BLE001 - decoders raise many types
+        raise ValueError(f"{path}: pixel data cannot be decoded ({_syntax_name(ds)}): "
+                         f"{scrub(str(err), ds)}") from None
 
 
 def _syntax_name(ds: Dataset) -> str:
@@ -330,35 +432,32 @@ def read(root: Path, cfg: dict, work_dir: Path) -> Iterator[ImageRecord | Reject
     if not root.is_dir():
         raise DataSourceError(f"{root}: DICOM root is not a folder")
     labels_path = root / cfg.get("labels_csv", "labels.csv")
-    rows, row_rejects = read_label_rows(labels_path)
+    alias = Aliases(salt_from(cfg))
+    rows, row_rejects = read_label_rows(labels_path, alias, cfg.get("csv_encoding", "utf-8-sig"))
     yield from row_rejects
-    salt = salt_from(cfg)
-    if not salt:
-        log.warning("no pseudonym salt set (%s or dataset.pseudonym_salt): patient and image ids are plain "
-                    "hashes that anyone holding the original IDs can recompute", SALT_ENV)
 
     files = sorted(path.relative_to(root).as_posix() for path in root.rglob("*")
                    if path.is_file() and path != labels_path)
     present = set(files)
     for file, label in rows.items():
         if label is not None and file not in present:
-            yield Rejected(label.source, f"file {file} does not exist under the data set root")
+            yield Rejected(label.source, f"file {alias(file)} does not exist under the data set root")
     ignored = 0
     for file in files:
         if file not in rows:
             if _is_dicom(root / file):
-                yield Rejected(file, f"DICOM file without a label row in {labels_path.name}")
+                yield Rejected(alias(file), f"DICOM file without a label row in {labels_path.name}")
             else:
                 ignored += 1
     if ignored:
         log.info("ignored %d file(s) that are neither DICOM nor listed in %s", ignored, labels_path.name)
 
     labelled = [file for file in files if rows.get(file) is not None]
-    patients = _study_ranks(root, labelled, salt)
+    patients = _study_ranks(root, labelled, alias.salt)
     without_patient = 0
     kept: dict[str, str] = {}  # image id → the file kept for it
     for file in labelled:
-        result, box_rejects = _convert(root, file, rows[file], patients.get(file), salt, work_dir, kept)
+        result, box_rejects = _convert(root, file, rows[file], patients.get(file), alias, work_dir, kept)
         if isinstance(result, ImageRecord) and file not in patients:
             without_patient += 1
         yield result
@@ -366,3 +465,6 @@ def read(root: Path, cfg: dict, work_dir: Path) -> Iterator[ImageRecord | Reject
     if without_patient:
         log.warning("%d image(s) have no PatientID: each counts as its own patient, so splits cannot keep a "
                     "patient's images together", without_patient)
+    key = salt_file(cfg).parent / KEY_FILE
+    alias.write(key)
+    log.info("files are named by alias in rejects and logs; %s maps them back to paths (owner-only)", key)

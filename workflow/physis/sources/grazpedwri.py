@@ -16,25 +16,18 @@ import pandas as pd
 
 from physis.images import ImageReadError, probe_image
 from physis.records import CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box, ImageRecord, Rejected
-from physis.sources import PROJECTION_VIEWS, DataSourceError, fit_box, parse_flag, parse_int
+from physis.sources import PROJECTION_VIEWS, DataSourceError, fit_box, parse_flag, parse_int, read_table
 
 log = logging.getLogger(__name__)
 
 LABEL_DIR = Path(YOLO_LABEL_DIR)
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: Path, encoding: str = "utf-8-sig") -> pd.DataFrame:
     """Read ``dataset.csv`` as text (flags stay ``1``/empty); fail naming the file."""
     if not path.is_file():
         raise DataSourceError(f"{path}: dataset.csv not found (dataset.root must point at the unzipped release)")
-    try:
-        frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError) as err:
-        raise DataSourceError(f"{path}: not a readable CSV ({err})") from err
-    missing = [col for col in CSV_COLUMNS if col not in frame.columns]
-    if missing:
-        raise DataSourceError(f"{path}: missing column(s) {', '.join(missing)}")
-    return frame
+    return read_table(path, encoding, CSV_COLUMNS)
 
 
 def index_images(root: Path) -> tuple[dict[str, Path], list[Rejected]]:
@@ -116,7 +109,7 @@ def read(root: Path, cfg: dict, work_dir: Path) -> Iterator[ImageRecord | Reject
     ``ImageRecord.ao_codes`` holds the raw ``ao_classification`` cell; convert parses it.
     """
     root = Path(root)
-    frame = read_csv(root / "dataset.csv")
+    frame = read_csv(root / "dataset.csv", cfg.get("csv_encoding", "utf-8-sig"))
     images, duplicates = index_images(root)
     yield from duplicates
     seen: set[str] = set()
@@ -135,7 +128,7 @@ def read(root: Path, cfg: dict, work_dir: Path) -> Iterator[ImageRecord | Reject
         try:
             record, rejects = _record(row, images[stem], root, source)
         except ImageReadError as err:
-            yield Rejected(str(images[stem].relative_to(root)), str(err), stem)
+            yield Rejected(str(images[stem].relative_to(root)), str(err).removeprefix(f"{images[stem]}: "), stem)
             continue
         except ValueError as err:
             yield Rejected(source, f"bad CSV value: {err}", stem)

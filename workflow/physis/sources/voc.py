@@ -81,13 +81,13 @@ def read_listed_ids(root: Path) -> dict[str, str] | None:
     return listed or None
 
 
-def read_metadata_rows(root: Path) -> dict[str, tuple[int, dict]]:
+def read_metadata_rows(root: Path, encoding: str = "utf-8-sig") -> dict[str, tuple[int, dict]]:
     """``dataset.csv`` rows by file stem (with their row number); empty when there is no CSV."""
     path = root / "dataset.csv"
     if not path.exists():
         return {}
     rows: dict[str, tuple[int, dict]] = {}
-    for number, row in enumerate(read_csv(path).to_dict("records"), start=2):  # row 1 is the header
+    for number, row in enumerate(read_csv(path, encoding).to_dict("records"), start=2):  # row 1 is the header
         rows.setdefault(row["filestem"].strip(), (number, row))
     return rows
 
@@ -200,7 +200,7 @@ def read(root: Path, cfg: dict, work_dir: Path) -> Iterator[ImageRecord | Reject
                                   f"{image_dir.name}/, labels.txt)")
     labels = read_label_names(root / "labels.txt")
     listed = read_listed_ids(root)
-    metadata_rows = read_metadata_rows(root)
+    metadata_rows = read_metadata_rows(root, cfg.get("csv_encoding", "utf-8-sig"))
     xml_paths = sorted(ann_dir.glob("*.xml"))
     if listed is not None:
         log.info("dataset_ids/ lists %d annotation ids; converting those (physis makes its own patient split)",
