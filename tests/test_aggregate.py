@@ -1,11 +1,14 @@
 """Leaderboard, pairwise comparisons and overview figures from synthetic per-model outputs."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from test_evaluate import eval_config, synthetic_scores
+from test_stats import _brute_force_obuchowski
 
 from physis import aggregate, evaluate, stats
 
@@ -71,7 +74,7 @@ def test_leaderboard_ranks_lists_unavailable_and_labels_thesis(model_outputs, tm
         assert open(outputs[key], "rb").read(4) == b"\x89PNG"
 
 
-def test_comparisons_delong_mcnemar_holm(model_outputs):
+def test_comparisons_are_clustered_by_patient_and_holm_corrected_per_family(model_outputs):
     predictions = {path.split("/")[-1][:-8]: pd.read_parquet(path) for path in model_outputs["predictions"]}
     table = aggregate.comparisons(predictions)
     assert len(table) == 3 and set(zip(table["model_a"], table["model_b"])) == {
@@ -79,13 +82,21 @@ def test_comparisons_delong_mcnemar_holm(model_outputs):
     row = table.set_index(["model_a", "model_b"]).loc[("custom_cnn", "weak")]
     a = predictions["custom_cnn"][predictions["custom_cnn"]["split"] == "test"]
     b = predictions["weak"].set_index("image_id").loc[a["image_id"]]
-    expected = stats.delong_test(a["y_true"], a["score"], b["score"])
-    assert row["delong_p"] == pytest.approx(expected.p_value) and row["auroc_a"] == pytest.approx(expected.auc_a)
-    correct_a, correct_b = a["y_pred"].to_numpy() == a["y_true"].to_numpy(), b["y_pred"].to_numpy() == a[
-        "y_true"].to_numpy()
-    assert row["mcnemar_p"] == pytest.approx(stats.mcnemar_test(correct_a, correct_b).p_value)
-    assert table["delong_p_holm"].to_numpy() == pytest.approx(stats.holm(table["delong_p"]))
-    assert (table["mcnemar_p_holm"] >= table["mcnemar_p"]).all()
+    y, patients = a["y_true"].to_numpy(), a["patient_id"].to_numpy()
+    assert row["n"] == len(a) and row["n_patients"] == 20  # two views of each of 20 test patients
+    assert (row["auroc_a"], row["auroc_b"]) == pytest.approx((roc_auc_score(y, a["score"]),
+                                                              roc_auc_score(y, b["score"])))
+    auc_a, auc_b, variance = _brute_force_obuchowski(y, a["score"], b["score"], patients)
+    assert row["delong_z"] == pytest.approx((auc_a - auc_b) / np.sqrt(variance))
+    per_film = stats.delong_test(y, a["score"], b["score"], np.arange(len(a))).z
+    assert row["delong_z"] != pytest.approx(per_film)  # the patients, not the films, are the units
+    discordance = (pd.Series((a["y_pred"].to_numpy() == y).astype(int) - (b["y_pred"].to_numpy() == y), index=patients)
+                   .groupby(level=0).sum())
+    expected_chi2 = 19 / 20 * discordance.sum() ** 2 / (discordance**2).sum()
+    assert row["mcnemar_chi2"] == pytest.approx(expected_chi2)
+    assert row["mcnemar_p"] == pytest.approx(math.erfc(math.sqrt(expected_chi2 / 2)))
+    for family in ("delong", "mcnemar"):  # Holm within each family, not across both
+        assert table[f"{family}_p_holm"].to_numpy() == pytest.approx(stats.holm(table[f"{family}_p"]))
 
 
 def test_comparisons_use_only_common_films_and_explain_failures():

@@ -7,8 +7,9 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as sps
 
-from physis import config, evaluate, metrics
+from physis import aggregate, config, evaluate, metrics
 
 FIGURES = ["roc", "pr", "calibration", "confusion", "subgroups"]
 
@@ -47,7 +48,10 @@ def test_threshold_on_validation_applied_to_test():
     cfg = eval_config()
     threshold = evaluate.pick_threshold(scores, cfg)
     val = scores[scores["split"] == "val"]
-    assert threshold.value == metrics.choose_threshold(val["y_true"], val["score"])
+    y, s = val["y_true"].to_numpy(), val["score"].to_numpy()
+    candidates = np.unique(s)[::-1]  # every validation score, highest first: the first best J wins
+    youden = [(s[y == 1] >= t).mean() - (s[y == 0] >= t).mean() for t in candidates]
+    assert threshold.value == candidates[int(np.argmax(youden))]
     assert threshold.rule == "youden" and threshold.note == ""
     predictions = evaluate.predictions_table(scores, threshold)
     assert list(predictions.columns) == evaluate.PREDICTION_COLUMNS
@@ -73,6 +77,23 @@ def test_one_class_validation_falls_back_with_a_message(caplog):
     assert "val split has only negative films" in caplog.text
 
 
+def test_no_skill_on_validation_keeps_the_threshold_and_says_so_up_to_the_leaderboard(caplog):
+    scores = synthetic_scores()
+    val = scores["split"] == "val"
+    scores.loc[val, "score"] = np.where(scores.loc[val, "y_true"] == 1, 0.2, 0.8)  # every fracture ranked last
+    cfg = eval_config()
+    threshold = evaluate.pick_threshold(scores, cfg)
+    assert threshold.value == 1.0 and threshold.rule == "youden"  # Youden's J is 0 only calling nothing positive
+    assert threshold.note.startswith("no validation threshold beats chance (Youden's J ≤ 0)")
+    assert "beats chance" in caplog.text
+    table = evaluate.metric_table(evaluate.predictions_table(scores, threshold), threshold, cfg, "toy")
+    board = aggregate.leaderboard([table], {"toy": {}}, {}, {})
+    assert board["threshold_note"].item() == threshold.note
+    sensitivity_rule = eval_config(threshold={"rule": "sensitivity", "target_sensitivity": 0.9})
+    assert "beats chance" in evaluate.pick_threshold(scores, sensitivity_rule).note
+    assert evaluate.pick_threshold(synthetic_scores(), cfg).note == ""  # a model with skill: no note
+
+
 def test_predictions_need_the_contract_columns():
     with pytest.raises(evaluate.EvaluateError, match="sh_type"):
         evaluate.predictions_table(synthetic_scores().drop(columns=["sh_type"]), evaluate.Threshold(0.5, "youden"))
@@ -90,8 +111,11 @@ def test_metric_table_rows_and_consistency():
         got = overall[(overall["split"] == split) & (overall["metric"] != "threshold")].set_index("metric")
         assert list(got.index) == list(metrics.METRICS)
         films = predictions[predictions["split"] == split]
-        expected = metrics.compute(films["y_true"], films["score"], films["y_pred"])
-        assert got["value"].to_dict() == pytest.approx(expected)
+        y, s, p = films["y_true"].to_numpy(), films["score"].to_numpy(), films["y_pred"].to_numpy()
+        expected = {"accuracy": (y == p).mean(), "sensitivity": p[y == 1].mean(), "specificity": 1 - p[y == 0].mean(),
+                    "auroc": sps.mannwhitneyu(s[y == 1], s[y == 0]).statistic / ((y == 1).sum() * (y == 0).sum()),
+                    "brier": np.mean((s - y) ** 2)}
+        assert got.loc[list(expected), "value"].to_dict() == pytest.approx(expected)
         assert (got["n"] == len(films)).all() and (got["n_patients"] == films["patient_id"].nunique()).all()
         assert (got["ci_low"] <= got["value"] + 1e-12).all() and (got["value"] <= got["ci_high"] + 1e-12).all()
     assert overall.loc[overall["metric"] == "threshold", "value"].item() == threshold.value

@@ -1,12 +1,13 @@
 """Metrics against scikit-learn on random data, edge cases, thresholds and the patient bootstrap."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from physis import metrics, stats
+from physis import figures, metrics, stats
 
 
 @pytest.fixture
@@ -19,23 +20,41 @@ def sample():
     return y, score, pred, weight
 
 
+def _by_definition(y, score, pred, w):
+    """AUROC, average precision, Cohen's κ and Brier score from their definitions (weighted), not from
+    the scikit-learn calls :func:`physis.metrics.compute` makes."""
+    pos, neg = y == 1, y == 0
+    greater = (score[pos][:, None] > score[neg][None, :]) + 0.5 * (score[pos][:, None] == score[neg][None, :])
+    auroc = w[pos] @ greater @ w[neg] / (w[pos].sum() * w[neg].sum())
+    ap, recall_before = 0.0, 0.0  # Σ (R_k − R_{k−1}) · P_k over the thresholds, highest first
+    for t in np.unique(score)[::-1]:
+        called = score >= t
+        tp, fp = w[called & pos].sum(), w[called & neg].sum()
+        recall = tp / w[pos].sum()
+        if recall > recall_before:
+            ap += (recall - recall_before) * tp / (tp + fp)
+            recall_before = recall
+    table = np.array([[w[(y == i) & (pred == j)].sum() for j in (0, 1)] for i in (0, 1)]) / w.sum()
+    chance = table.sum(axis=1) @ table.sum(axis=0)
+    kappa = (np.trace(table) - chance) / (1 - chance)
+    return {"auroc": auroc, "average_precision": ap, "kappa": kappa,
+            "brier": np.sum(w * (score - y) ** 2) / w.sum()}
+
+
 @pytest.mark.parametrize("weighted", [False, True])
-def test_metrics_agree_with_sklearn(sample, weighted):
+def test_metrics_agree_with_definitions_and_sklearn(sample, weighted):
     y, score, pred, weight = sample
     w = weight if weighted else None
     got = metrics.compute(y, score, pred, sample_weight=w)
     assert list(got) == list(metrics.METRICS)
-    expected = {
+    expected = {  # the confusion-matrix ratios are bincounts in physis: scikit-learn's functions check them
         "accuracy": skm.accuracy_score(y, pred, sample_weight=w),
-        "kappa": skm.cohen_kappa_score(y, pred, sample_weight=w),
-        "auroc": skm.roc_auc_score(y, score, sample_weight=w),
-        "average_precision": skm.average_precision_score(y, score, sample_weight=w),
         "sensitivity": skm.recall_score(y, pred, sample_weight=w),
         "specificity": skm.recall_score(y, pred, pos_label=0, sample_weight=w),
         "ppv": skm.precision_score(y, pred, sample_weight=w),
         "npv": skm.precision_score(y, pred, pos_label=0, sample_weight=w),
         "f1": skm.f1_score(y, pred, sample_weight=w),
-        "brier": skm.brier_score_loss(y, score, sample_weight=w),
+        **_by_definition(y, score, pred, np.ones(len(y)) if w is None else w),
     }
     for name, value in expected.items():
         assert got[name] == pytest.approx(value), name
@@ -50,6 +69,7 @@ def test_weights_equal_repeated_rows(sample):
 
 
 def test_ece_against_calibration_curve(sample):
+    # random scores never sit on a bin edge, where scikit-learn closes its bins on the other side
     y, score, _, _ = sample
     prob_true, prob_pred = calibration_curve(y, score, n_bins=10, strategy="uniform")
     counts = np.histogram(score, bins=np.linspace(0, 1, 11))[0]
@@ -58,6 +78,42 @@ def test_ece_against_calibration_curve(sample):
     assert metrics.expected_calibration_error(y, score, 10) == pytest.approx(reference)
     assert metrics.expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
     assert metrics.expected_calibration_error([0, 0], [0.95, 0.95]) == pytest.approx(0.95)
+
+
+def test_calibration_bins_on_their_edges():
+    scores = [0.0, 0.1, 0.29999, 0.3, 0.7, 0.99, 1.0]
+    assert list(metrics.calibration_bins(scores, 10)) == [0, 1, 2, 3, 7, 9, 9]  # [k/10, (k+1)/10), 1.0 in the last
+    assert metrics.calibration_bins([1 / 49], 49).item() == 1  # floor(1/49 · 49) would say 0
+    # np.histogram (the diagram's score histogram) counts the same bins
+    assert list(np.histogram(scores, metrics.calibration_edges(10))[0]) == list(np.bincount(
+        metrics.calibration_bins(scores, 10), minlength=10))
+
+
+# scores on the edges 0.0, 0.3 and 1.0. Bins: 0 = {0.0: y 0}; 3 = {0.3: 1, 0.3: 1, 0.39: 0}; 9 = {0.95: 0, 1.0: 1}.
+EDGE_Y, EDGE_SCORES = np.array([0, 1, 1, 0, 0, 1]), np.array([0.0, 0.3, 0.3, 0.39, 0.95, 1.0])
+# mean score / observed per bin: 0 / 0, 0.33 / 2/3, 0.975 / 1/2;
+# ECE = (1·0 + 3·|2/3 − 0.33| + 2·|1/2 − 0.975|) / 6
+EDGE_POINTS = [(0.0, 0.0), (0.33, 2 / 3), (0.975, 0.5)]
+EDGE_ECE = (3 * (2 / 3 - 0.33) + 2 * 0.475) / 6
+
+
+def test_ece_with_scores_on_bin_edges_by_hand():
+    assert metrics.expected_calibration_error(EDGE_Y, EDGE_SCORES, 10) == pytest.approx(EDGE_ECE)
+    films, predicted, observed = metrics.reliability(EDGE_Y, EDGE_SCORES, 10)
+    assert list(films) == [1, 0, 0, 3, 0, 0, 0, 0, 0, 2]
+    np.testing.assert_allclose(np.column_stack([predicted, observed])[films > 0], EDGE_POINTS)
+
+
+def test_reliability_diagram_draws_the_ece_bins(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.setdefault("fig", fig))
+    figures.calibration_figure(EDGE_Y, EDGE_SCORES, 10, tmp_path / "c.png", "title", "note")
+    top, bottom = drawn["fig"].axes
+    model = next(line for line in top.get_lines() if line.get_label().startswith("model"))
+    np.testing.assert_allclose(np.column_stack([model.get_xdata(), model.get_ydata()]), EDGE_POINTS)
+    heights = [patch.get_height() for patch in bottom.patches]  # two stacked series of ten bins
+    assert list(np.add(heights[:10], heights[10:])) == [1, 0, 0, 3, 0, 0, 0, 0, 0, 2]
+    plt.close(drawn["fig"])
 
 
 def test_one_class_gives_reasons_not_nan_table():
@@ -89,8 +145,11 @@ def test_threshold_youden_and_sensitivity_target():
     # sensitivity ≥ 1.0 needs the 0.4 positive: the highest such threshold is 0.4
     assert metrics.choose_threshold(y, score, "sensitivity", 1.0) == pytest.approx(0.4)
     assert metrics.choose_threshold(y, score, "sensitivity", 0.75) == pytest.approx(0.7)
-    j = [(score[y == 1] >= t).mean() - (score[y == 0] >= t).mean() for t in score]
-    assert max(j) == pytest.approx(0.75)
+    # at 0.7: sensitivity 3/4, specificity 1
+    assert metrics.max_youden_j(y, score) == pytest.approx(0.75)
+    inverted = 1 - score  # every threshold does no better than chance: J ≤ 0, and J = 0 calling nothing positive
+    assert metrics.max_youden_j(y, inverted) == 0.0
+    assert metrics.choose_threshold(y, inverted, "youden") == 1.0
 
 
 def test_threshold_on_one_class_split_names_the_split():
@@ -122,6 +181,36 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_on_correlated_films():
     assert (width_patient > 1.5 * width_image).all()
     assert (patient["value"] == image["value"]).all()
     assert (patient["ci_low"] <= patient["value"]).all() and (patient["value"] <= patient["ci_high"]).all()
+
+
+def test_bootstrap_counts_a_patient_drawn_twice_twice():
+    # patients with 1–6 films and patient-level scores: a replicate's AUROC depends on how often each
+    # patient was drawn, not only on which patients were
+    rng = np.random.default_rng(5)
+    films = rng.integers(1, 7, 30)
+    label, level = rng.integers(0, 2, 30), rng.random(30)
+    frame = pd.DataFrame({"patient_id": np.repeat(np.arange(30), films), "y_true": np.repeat(label, films),
+                          "score": np.repeat(0.4 * label + 0.6 * level, films)})
+    frame["score"] += rng.normal(0, 0.01, len(frame))
+    frame["y_pred"] = (frame["score"] >= 0.5).astype(int)
+    weights = stats.cluster_weights(frame["patient_id"], 300, 3)
+    rows = metrics.score_rows(frame, weights, ["auroc", "accuracy"]).set_index("metric")
+
+    def naive(keep_duplicates: bool) -> dict[str, np.ndarray]:
+        """The percentile CI from replicates built as tables: each drawn film copied once per draw."""
+        estimates = {"auroc": [], "accuracy": []}
+        for w in weights:
+            copies = w if keep_duplicates else np.minimum(w, 1)
+            sample = frame.loc[np.repeat(frame.index, copies)]
+            estimates["auroc"].append(skm.roc_auc_score(sample["y_true"], sample["score"]))
+            estimates["accuracy"].append((sample["y_true"] == sample["y_pred"]).mean())
+        return {name: np.percentile(values, [2.5, 97.5]) for name, values in estimates.items()}
+
+    resampled, deduplicated = naive(True), naive(False)
+    for name in ("auroc", "accuracy"):
+        assert rows.loc[name, ["ci_low", "ci_high"]].to_numpy(float) == pytest.approx(resampled[name], abs=1e-12)
+    # the data tell the two apart: a bootstrap that dropped the multiplicities would fail the check above
+    assert np.abs(resampled["auroc"] - deduplicated["auroc"]).max() > 0.01
 
 
 def test_bootstrap_is_seeded():

@@ -1,5 +1,6 @@
 """The train stage on the tiny phantom: determinism, resume after a kill, outputs, predict."""
 
+import dataclasses
 import json
 import os
 import re
@@ -189,3 +190,39 @@ def test_several_gpus_mirror_classifiers_but_not_custom_loops(monkeypatch):
     assert distribution("tf_keras", "classifier") == "mirrored"
     for kind in ("detector", "two_stage"):
         assert distribution("tf_keras", kind) is tf.distribute.get_strategy()
+
+
+def test_train_hook_cannot_reach_test_films(prepared):
+    """TrainData built as the train rule builds it holds train and validation rows and boxes only."""
+    from physis import train
+
+    phantom_root, base = prepared
+    config = make_config(phantom_root, base, preprocess={"presets": {"tiny": PRESET}},
+                         models={"custom_cnn": {"preset": "tiny"}})
+    _, cfg = train.resolve("custom_cnn", config)
+    manifest = pd.read_parquet(base / "data" / "manifest.parquet")
+    preset_dir = base / "preprocess" / "tiny"
+    data = train.train_data(cfg, manifest, preset_dir, config["train"], config["preprocess"].get("augment"))
+    test_ids = set(manifest.loc[manifest["split"] == "test", "image_id"])
+    all_boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    assert test_ids and all_boxes["image_id"].isin(test_ids).any()  # there was something to hide
+
+    def image_ids(value) -> set:
+        """Every image id in a DataFrame, or in the DataFrames of a dict, a list or a dataclass."""
+        if isinstance(value, pd.DataFrame):
+            return set(value["image_id"]) if "image_id" in value else set()
+        if isinstance(value, dict):
+            return set().union(*map(image_ids, value.values()))
+        if isinstance(value, (list, tuple)):
+            return set().union(*map(image_ids, value))
+        if dataclasses.is_dataclass(value):
+            return image_ids([getattr(value, field.name) for field in dataclasses.fields(value)])
+        return set()
+
+    reachable = image_ids(data)
+    assert set(data.frames) == {"train", "val"} and not reachable & test_ids
+    # nothing the plugins need is lost: every train/val film, and all boxes of those films
+    kept = set(manifest.loc[manifest["split"].isin(["train", "val"]), "image_id"])
+    assert reachable == kept
+    pd.testing.assert_frame_equal(data.boxes, all_boxes[all_boxes["image_id"].isin(kept)].reset_index(drop=True))
+    assert sum(len(labels) for _, labels in data.val) == len(data.frames["val"])

@@ -6,8 +6,8 @@
   not as a comparison). Models that could not run here (e.g. Azure without credentials) are
   rows with status ``not configured`` and the reason.
 * Comparisons: every pair of models on the test films both scored — DeLong's test for AUROC
-  and McNemar's exact test for accuracy at each model's own threshold, each family
-  Holm-corrected.
+  and McNemar's test for accuracy at each model's own threshold, both clustered by patient
+  (Obuchowski 1997, 1998: a child's films are not independent), each family Holm-corrected.
 """
 
 from __future__ import annotations
@@ -108,29 +108,32 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
 
 
 def comparisons(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """DeLong (AUROC) and McNemar (accuracy) for every model pair on their common test films."""
+    """Patient-clustered DeLong (AUROC) and McNemar (accuracy) tests for every model pair on their
+    common test films; ``n_patients`` is the number of clusters the tests see."""
     rows = []
     for a, b in combinations(sorted(predictions), 2):
         pa = predictions[a][predictions[a]["split"] == "test"]
         pb = predictions[b][predictions[b]["split"] == "test"]
         both = pa.merge(pb, on="image_id", suffixes=("_a", "_b"))
         y = both["y_true_a"].to_numpy()
-        row = {"model_a": a, "model_b": b, "n": len(both), "n_positive": int(y.sum()), "note": ""}
+        patients = both["patient_id_a"].to_numpy()
+        row = {"model_a": a, "model_b": b, "n": len(both), "n_patients": both["patient_id_a"].nunique(),
+               "n_positive": int(y.sum()), "note": ""}
         try:
-            result = stats.delong_test(y, both["score_a"], both["score_b"])
+            result = stats.delong_test(y, both["score_a"], both["score_b"], patients)
             row.update(auroc_a=result.auc_a, auroc_b=result.auc_b, auroc_difference=result.auc_a - result.auc_b,
                        delong_z=result.z, delong_p=result.p_value)
         except ValueError as err:
             row["note"] = f"DeLong not computable: {err}"
-        mcnemar = stats.mcnemar_test(both["y_pred_a"] == y, both["y_pred_b"] == y)
+        mcnemar = stats.mcnemar_test(both["y_pred_a"] == y, both["y_pred_b"] == y, patients)
         row.update(accuracy_a=(both["y_pred_a"] == y).mean() if len(both) else np.nan,
                    accuracy_b=(both["y_pred_b"] == y).mean() if len(both) else np.nan,
                    only_a_correct=mcnemar.only_a_correct, only_b_correct=mcnemar.only_b_correct,
-                   mcnemar_p=mcnemar.p_value)
+                   mcnemar_chi2=mcnemar.chi2, mcnemar_p=mcnemar.p_value)
         rows.append(row)
-    columns = ["model_a", "model_b", "n", "n_positive", "auroc_a", "auroc_b", "auroc_difference", "delong_z",
-               "delong_p", "delong_p_holm", "accuracy_a", "accuracy_b", "only_a_correct", "only_b_correct",
-               "mcnemar_p", "mcnemar_p_holm", "note"]
+    columns = ["model_a", "model_b", "n", "n_patients", "n_positive", "auroc_a", "auroc_b", "auroc_difference",
+               "delong_z", "delong_p", "delong_p_holm", "accuracy_a", "accuracy_b", "only_a_correct",
+               "only_b_correct", "mcnemar_chi2", "mcnemar_p", "mcnemar_p_holm", "note"]
     table = pd.DataFrame(rows, columns=columns)
     table["delong_p_holm"] = stats.holm(table["delong_p"].to_numpy(float))
     table["mcnemar_p_holm"] = stats.holm(table["mcnemar_p"].to_numpy(float))
@@ -143,7 +146,8 @@ def comparisons_html(table: pd.DataFrame, path: str | Path, alpha: float = 0.05)
         return "–" if pd.isna(value) else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
     view = pd.DataFrame({
-        "Model A": table["model_a"], "Model B": table["model_b"], "Common test films": table["n"],
+        "Model A": table["model_a"], "Model B": table["model_b"],
+        "Common test films / patients": [f"{n} / {k}" for n, k in table[["n", "n_patients"]].to_numpy()],
         "AUROC A − B": table["auroc_difference"].map(lambda d: "–" if pd.isna(d) else f"{d:+.3f}"),
         "DeLong p": table["delong_p"].map(p), "DeLong p (Holm)": table["delong_p_holm"].map(p),
         "Accuracy A / B": [f"{x:.3f} / {y:.3f}" if not pd.isna(x) else "–"
@@ -155,9 +159,10 @@ def comparisons_html(table: pd.DataFrame, path: str | Path, alpha: float = 0.05)
             for d, m in table[["delong_p_holm", "mcnemar_p_holm"]].to_numpy()],
         "Note": table["note"]})
     figures.write_html_table(view, path, "Pairwise comparisons on the same test films",
-                             "DeLong's test for correlated AUROCs; McNemar's exact test for paired accuracy at "
-                             "each model's validation-chosen threshold. Holm's correction is applied within each "
-                             "family of tests.")
+                             "DeLong's test for correlated AUROCs; McNemar's test for paired accuracy at each "
+                             "model's validation-chosen threshold. Both tests are clustered by patient "
+                             "(Obuchowski 1997, 1998), not films: a child's films are correlated. Holm's "
+                             "correction is applied within each family of tests.")
 
 
 def overview_figures(board: pd.DataFrame, predictions: Mapping[str, pd.DataFrame], outputs: Mapping[str, str],

@@ -51,8 +51,17 @@ class Threshold:
     note: str = ""
 
 
+NO_SKILL = "no validation threshold beats chance (Youden's J ≤ 0)"
+
+
 def pick_threshold(scores: pd.DataFrame, cfg: dict) -> Threshold:
-    """Threshold from the validation films; the configured fallback when validation has one class."""
+    """Threshold from the validation films; the configured fallback when validation has one class.
+
+    When no threshold beats chance on validation the rule's threshold is kept (Youden's rule then
+    calls nothing below 1.0 positive) but flagged with :data:`NO_SKILL`, which the metrics table's
+    threshold row and the leaderboard's ``threshold_note`` carry: its test metrics describe a model
+    that showed no skill before it was tested.
+    """
     rule = cfg["threshold"]["rule"]
     val = scores[scores["split"] == "val"]
     try:
@@ -62,6 +71,9 @@ def pick_threshold(scores: pd.DataFrame, cfg: dict) -> Threshold:
         fallback = cfg["threshold"]["fallback"]
         log.warning("%s; using the fixed fallback threshold %.3f", err, fallback)
         return Threshold(fallback, "fallback", f"{err}; fixed threshold {fallback} used instead")
+    if metrics.max_youden_j(val["y_true"], val["score"]) <= 0:
+        log.warning("%s; keeping threshold %.3f of rule '%s'", NO_SKILL, value, rule)
+        return Threshold(value, rule, f"{NO_SKILL}; threshold {value:.3f} of rule '{rule}' kept")
     return Threshold(value, rule)
 
 

@@ -22,11 +22,10 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from physis.io import atomic_path  # noqa: E402
-from physis.metrics import Curve  # noqa: E402
+from physis.metrics import Curve, calibration_edges, reliability  # noqa: E402
 
 DPI = 110
 COLORS = plt.get_cmap("tab10").colors
@@ -68,17 +67,19 @@ def curve_figure(kind: str, curves: Sequence[tuple[str, Curve]], path: str | Pat
 
 def calibration_figure(y_true: np.ndarray, score: np.ndarray, bins: int, path: str | Path, title: str,
                        note: str) -> None:
-    """Reliability diagram (equal-width bins, as the ECE) above a histogram of the scores."""
+    """Reliability diagram above a histogram of the scores, both on the ECE's bins
+    (:func:`physis.metrics.calibration_bins`)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.2), sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
     if len(y_true):
-        observed, predicted = calibration_curve(y_true, score, n_bins=bins, strategy="uniform")
-        top.plot(predicted, observed, "o-", color=COLORS[0], label=f"model (n={len(y_true)} films)")
+        films, predicted, observed = reliability(y_true, score, bins)
+        filled = films > 0
+        top.plot(predicted[filled], observed[filled], "o-", color=COLORS[0], label=f"model (n={len(y_true)} films)")
     top.set(ylabel="Observed share of fractures", title=title, xlim=(0, 1), ylim=(-0.01, 1.01))
     top.text(0.02, 0.97, note, va="top", fontsize=8, transform=top.transAxes)
     top.grid(alpha=0.3)
     top.legend(loc="lower right", fontsize=8)
-    edges = np.linspace(0, 1, bins + 1)
+    edges = calibration_edges(bins)
     bottom.hist([score[y_true == 1], score[y_true == 0]], bins=edges, stacked=True,
                 color=[COLORS[3], COLORS[7]], label=["fracture", "no fracture"])
     bottom.set(xlabel="Predicted probability of fracture", ylabel="Films")

@@ -67,15 +67,46 @@ def undefined_reason(name: str, counts: dict[str, float]) -> str | None:
     return f"no {' and no '.join(missing)}" if missing else None
 
 
-def expected_calibration_error(y_true: ArrayLike, score: ArrayLike, bins: int = 10,
-                               sample_weight: ArrayLike | None = None) -> float:
-    """ECE with equal-width bins on [0, 1]: Σ_b (n_b / n) · |mean(y)_b − mean(score)_b|."""
+def calibration_edges(bins: int) -> np.ndarray:
+    """The ``bins + 1`` edges of the equal-width calibration bins on [0, 1]: k / bins.
+
+    Divided rather than ``np.linspace``-stepped, so each edge is the float nearest k/bins and a score
+    written 0.3 lies exactly on the edge of bin 3 of 10 (linspace gives 0.30000000000000004).
+    """
+    return np.arange(bins + 1) / bins
+
+
+def calibration_bins(score: ArrayLike, bins: int) -> np.ndarray:
+    """Bin index of each score: [k/bins, (k+1)/bins), the last bin closed (1.0 is in it).
+
+    The one binning of the ECE and the reliability diagram, left-closed like ``np.histogram``, which
+    draws the diagram's score histogram. (scikit-learn's ``calibration_curve`` closes its bins on the
+    right instead; ``floor(score · bins)`` misplaces some edges, e.g. 1/49 · 49 < 1.)
+    """
+    index = np.searchsorted(calibration_edges(bins), np.asarray(score, dtype=float), side="right") - 1
+    return np.clip(index, 0, bins - 1)
+
+
+def reliability(y_true: ArrayLike, score: ArrayLike, bins: int = 10,
+                sample_weight: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per calibration bin: total weight (films), mean score and observed share of positives (NaN if empty)."""
     y = np.asarray(y_true, dtype=float)
     s = np.asarray(score, dtype=float)
     w = np.ones_like(s) if sample_weight is None else np.asarray(sample_weight, dtype=float)
-    index = np.clip((s * bins).astype(int), 0, bins - 1)
-    gap_per_bin = np.bincount(index, weights=w * (y - s), minlength=bins)
-    return float(np.abs(gap_per_bin).sum() / w.sum())
+    index = calibration_bins(s, bins)
+    total = np.bincount(index, weights=w, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        predicted = np.bincount(index, weights=w * s, minlength=bins) / total
+        observed = np.bincount(index, weights=w * y, minlength=bins) / total
+    return total, predicted, observed
+
+
+def expected_calibration_error(y_true: ArrayLike, score: ArrayLike, bins: int = 10,
+                               sample_weight: ArrayLike | None = None) -> float:
+    """ECE over :func:`calibration_bins`: Σ_b (n_b / n) · |observed_b − mean score_b|."""
+    total, predicted, observed = reliability(y_true, score, bins, sample_weight)
+    filled = total > 0
+    return float(np.sum(total[filled] * np.abs(observed[filled] - predicted[filled])) / total.sum())
 
 
 def compute(y_true: ArrayLike, score: ArrayLike, y_pred: ArrayLike, names: Sequence[str] = tuple(METRICS),
@@ -101,6 +132,13 @@ def compute(y_true: ArrayLike, score: ArrayLike, y_pred: ArrayLike, names: Seque
         "ece": lambda: expected_calibration_error(y, s, ece_bins, w),
     }
     return {name: float(ratio[name]()) if undefined_reason(name, c) is None else np.nan for name in names}
+
+
+def max_youden_j(y_true: ArrayLike, score: ArrayLike) -> float:
+    """The largest sensitivity + specificity − 1 over all thresholds; 0 when none beats chance
+    (the threshold above every score, calling nothing positive, has J = 0)."""
+    fpr, tpr, _ = skm.roc_curve(y_true, score, drop_intermediate=False)
+    return float(np.max(tpr - fpr))
 
 
 def choose_threshold(y_true: ArrayLike, score: ArrayLike, rule: str = "youden",

@@ -91,7 +91,8 @@ class TrainData:
 
     ``frames`` holds the train/val rows (manifest joined with the preprocess index: image_id,
     patient_id, path of the preprocessed PNG, label, …); ``boxes`` the preprocessed boxes of all
-    classes (image_id, class, x, y, w, h) for plugins that need them.
+    classes (image_id, class, x, y, w, h) of those films, for plugins that need them. No test-split
+    film is in either, so a plugin cannot train on test labels by accident.
     """
 
     train: Any  # tf.data.Dataset, augmented, shuffled, one pass per epoch

@@ -111,11 +111,16 @@ def load_frames(manifest: pd.DataFrame, preset_dir: Path) -> dict[str, pd.DataFr
     return {split: part.reset_index(drop=True) for split, part in joined.groupby("split")}
 
 
+#: the splits whose rows and boxes the train hook sees; test labels stay out of its reach.
+TRAIN_SPLITS = ("train", "val")
+
+
 def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train_cfg: dict,
                augment: dict | None) -> TrainData:
+    """What the plugin's ``train`` hook gets: train and validation films, datasets and boxes only."""
     from physis import pipeline
 
-    frames = load_frames(manifest, preset_dir)
+    frames = load_frames(manifest[manifest["split"].isin(TRAIN_SPLITS)], preset_dir)
     batch = int(cfg.params.get("batch_size", 8))
     balance = "sampling" if train_cfg["class_balance"] == "sampling" else "none"
     train = pipeline.image_dataset(frames["train"], cfg.spec.channels, batch, training=True, seed=cfg.seed,
@@ -124,6 +129,7 @@ def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train
                                  cache=train_cfg["cache"])
     weights = pipeline.class_weights(frames["train"]["label"]) if train_cfg["class_balance"] == "weights" else None
     boxes = pd.read_parquet(preset_dir / "boxes.parquet")
+    boxes = boxes[boxes["image_id"].isin(pd.concat(frames.values())["image_id"])].reset_index(drop=True)
     return TrainData(train=train, val=val, frames=frames, boxes=boxes, class_weight=weights, preset_dir=preset_dir,
                      augment=augment, cache=train_cfg["cache"], balance=balance)
 
