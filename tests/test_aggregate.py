@@ -55,7 +55,10 @@ def _run(model_outputs, tmp_path, unavailable=None):
 def test_leaderboard_ranks_lists_unavailable_and_labels_thesis(model_outputs, tmp_path):
     board, outputs = _run(model_outputs, tmp_path, {"azure_custom_vision": "no Azure credentials"})
     assert list(board["model"]) == ["custom_cnn", "medium", "weak", "azure_custom_vision"]
-    assert list(board["rank"].astype(object)) == [1, 2, 3, pd.NA]
+    # only a model that learned is ranked; "medium" ranks on test but not on its small validation split
+    assert list(board["verdict"]) == ["learned", "no evidence of learning", "no evidence of learning",
+                                      "not configured"]
+    assert list(board["rank"].astype(object)) == [1, pd.NA, pd.NA, pd.NA]
     azure = board.set_index("model").loc["azure_custom_vision"]
     assert azure["status"] == "not configured" and azure["reason"] == "no Azure credentials"
     assert np.isnan(azure["auroc"]) and azure["thesis_accuracy"] == 0.737
@@ -69,6 +72,7 @@ def test_leaderboard_ranks_lists_unavailable_and_labels_thesis(model_outputs, tm
     assert len(pd.read_csv(outputs["csv"])) == 4
     html = open(outputs["html"], encoding="utf-8").read()
     assert "not configured" in html and "no Azure credentials" in html and "different data set" in html
+    assert "no evidence of learning: val AUROC" in html and "Hint: no validation AUROC was recorded" in html
     assert "74.6% (Custom CNN)" in html
     for key in ("roc_overlay", "forest", "thesis", "cost"):
         assert open(outputs[key], "rb").read(4) == b"\x89PNG"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from physis import aggregate, config, evaluate, metrics
+from physis import aggregate, config, evaluate, metrics, verdict
 
 FIGURES = ["roc", "pr", "calibration", "confusion", "subgroups"]
 
@@ -87,7 +87,7 @@ def test_no_skill_on_validation_keeps_the_threshold_and_says_so_up_to_the_leader
     assert threshold.note.startswith("no validation threshold beats chance (Youden's J ≤ 0)")
     assert "beats chance" in caplog.text
     table = evaluate.metric_table(evaluate.predictions_table(scores, threshold), threshold, cfg, "toy")
-    board = aggregate.leaderboard([table], {"toy": {}}, {}, {})
+    board = aggregate.leaderboard([table], {"toy": {}}, {}, {}, {"toy": verdict.Verdict(verdict.NO_EVIDENCE, "")})
     assert board["threshold_note"].item() == threshold.note
     sensitivity_rule = eval_config(threshold={"rule": "sensitivity", "target_sensitivity": 0.9})
     assert "beats chance" in evaluate.pick_threshold(scores, sensitivity_rule).note

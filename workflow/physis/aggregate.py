@@ -1,10 +1,11 @@
 """The aggregate stage: every model's test metrics in one leaderboard, paired tests, overview figures.
 
-* Leaderboard: one row per configured model — headline test metrics with CIs, training
-  time and parameter count, and, for models the thesis also trained, the thesis's Table 5.1
-  accuracy (a *different* data set: Graz, 21,557 films, its own split; shown for orientation,
-  not as a comparison). Models that could not run here (e.g. Azure without credentials) are
-  rows with status ``not configured`` and the reason.
+* Leaderboard: one row per configured model — its verdict (:mod:`physis.verdict`: did it learn?),
+  headline test metrics with CIs, training time and parameter count, and, for models the thesis
+  also trained, the thesis's Table 5.1 accuracy (a *different* data set: Graz, 21,557 films, its
+  own split; shown for orientation, not as a comparison). Only models that learned are ranked;
+  the others follow, unranked, with a hint from their training history. Models that could not run
+  here (e.g. Azure without credentials) are rows with status ``not configured`` and the reason.
 * Comparisons: every pair of models on the test films both scored — DeLong's test for AUROC
   and McNemar's test for accuracy at each model's own threshold, both clustered by patient
   (Obuchowski 1997, 1998: a child's films are not independent), each family Holm-corrected.
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from physis import figures, metrics, stats
+from physis import figures, metrics, stats, verdict
 from physis.io import write_parquet
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,17 @@ def thesis_row(model: str, plugin: str | None, mapping: Mapping[str, str]) -> st
 
 
 def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], unavailable: Mapping[str, str],
-                thesis_models: Mapping[str, str]) -> pd.DataFrame:
-    """One row per model, evaluated ones ranked by test AUROC, then the ones that could not run."""
+                thesis_models: Mapping[str, str], verdicts: Mapping[str, verdict.Verdict]) -> pd.DataFrame:
+    """One row per model: the ones that learned ranked by test AUROC, then the evaluated ones without
+    evidence of learning (unranked), then the ones that could not run."""
     rows = []
     for table in tables:
         model = table["model"].iloc[0]
         overall = table[(table["group"] == "overall")]
         test = overall[overall["split"] == "test"].set_index("metric")
-        row: dict = {"model": model, "status": "evaluated", "reason": ""}
+        judged = verdicts[model]
+        row: dict = {"model": model, "status": "evaluated", "reason": "", "verdict": judged.verdict,
+                     "verdict_reason": judged.reason, "hint": judged.hint}
         for name in HEADLINE:
             row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = test.loc[name, ["value", "ci_low", "ci_high"]]
         threshold = overall[overall["metric"] == "threshold"].iloc[0]
@@ -65,28 +69,32 @@ def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], u
         row.update({field: summaries[model].get(field) for field in SUMMARY_FIELDS})
         rows.append(row)
     for model, reason in unavailable.items():
-        rows.append({"model": model, "status": "not configured", "reason": reason})
+        rows.append({"model": model, "status": "not configured", "reason": reason, "verdict": verdict.NOT_CONFIGURED,
+                     "verdict_reason": reason, "hint": ""})
     board = pd.DataFrame(rows, columns=_board_columns())
     board["thesis_model"] = [thesis_row(m, p if isinstance(p, str) else None, thesis_models)
                              for m, p in zip(board["model"], board["plugin"])]
     board["thesis_accuracy"] = board["thesis_model"].map(THESIS_TABLE_5_1)
-    board = board.sort_values(["status", "auroc", "model"], ascending=[True, False, True], na_position="last")
-    board.insert(0, "rank", np.where(board["status"] == "evaluated", np.arange(1, len(board) + 1), pd.NA))
+    board["order"] = board["verdict"].map(verdict.ORDER.index)
+    board = board.sort_values(["order", "auroc", "model"], ascending=[True, False, True], na_position="last")
+    board = board.drop(columns="order")
+    board.insert(0, "rank", np.where(board["verdict"] == verdict.LEARNED, np.arange(1, len(board) + 1), pd.NA))
     return board.reset_index(drop=True).astype({"rank": "Int64"})
 
 
 def _board_columns() -> list[str]:
     metric_columns = [f"{name}{suffix}" for name in HEADLINE for suffix in ("", "_ci_low", "_ci_high")]
-    return ["model", "status", "reason", *metric_columns, "threshold", "threshold_note", "n_test",
-            "n_test_patients", "n_test_positive", *SUMMARY_FIELDS]
+    return ["model", "status", "reason", "verdict", "verdict_reason", "hint", *metric_columns, "threshold",
+            "threshold_note", "n_test", "n_test_patients", "n_test_positive", *SUMMARY_FIELDS]
 
 
 def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
     """The leaderboard as the report shows it: metric (CI) strings, cost, thesis column."""
     view = pd.DataFrame({"Rank": board["rank"].astype(object).where(board["rank"].notna(), "–"),
                          "Model": board["model"],
-                         "Status": [status if not reason else f"{status}: {reason}"
-                                    for status, reason in board[["status", "reason"]].fillna("").to_numpy()]})
+                         "Verdict": [f"{v}: {why}" + (f". Hint: {hint}" if hint else "")
+                                     for v, why, hint in board[["verdict", "verdict_reason", "hint"]].fillna(
+                                         "").to_numpy()]})
     for name in ("auroc", "accuracy", "kappa", "sensitivity", "specificity"):
         view[f"{metrics.METRICS[name]} ({ci})"] = [
             figures.format_ci(v, lo, hi) for v, lo, hi in board[[name, f"{name}_ci_low", f"{name}_ci_high"]].to_numpy()]
@@ -98,13 +106,15 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
     view["Parameters"] = board["params"].map(lambda p: "–" if pd.isna(p) else f"{int(p):,}")
     view["Thesis accuracy (different data)"] = [
         "–" if pd.isna(a) else f"{a:.1%} ({m})" for m, a in board[["thesis_model", "thesis_accuracy"]].to_numpy()]
-    notes = ["All metrics on the held-out test split; the threshold was chosen on the validation split. "
+    notes = [verdict.RULE,
+             "All metrics on the held-out test split; the threshold was chosen on the validation split. "
              "Average precision, Brier score, ECE and the other metrics are in leaderboard.csv and each "
              "model's metrics table.",
              f"{ci}s: percentile bootstrap resampling patients, not films.", THESIS_NOTE]
     figures.write_html_table(view, path, "Leaderboard (test split)",
-                             "Ranked by test AUROC. Pairwise significance tests are in the comparisons table.",
-                             notes)
+                             "Models that learned are ranked by test AUROC; the models below them show no "
+                             "evidence of learning and are not results (see the verdict). Pairwise significance "
+                             "tests are in the comparisons table.", notes)
 
 
 def comparisons(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -165,39 +175,48 @@ def comparisons_html(table: pd.DataFrame, path: str | Path, alpha: float = 0.05)
                              "correction is applied within each family of tests.")
 
 
+def labelled(board: pd.DataFrame, separator: str = " ") -> pd.Series:
+    """Model names as the comparison figures show them: with the verdict of every model that did not learn,
+    so that no screenshot of a figure presents such a model as a result."""
+    return pd.Series([model if judged == verdict.LEARNED else f"{model}{separator}[{verdict.SHORT[judged]}]"
+                      for model, judged in board[["model", "verdict"]].to_numpy()], index=board.index)
+
+
 def overview_figures(board: pd.DataFrame, predictions: Mapping[str, pd.DataFrame], outputs: Mapping[str, str],
                      ci: str) -> None:
-    """ROC overlay, AUROC forest plot, accuracy vs. thesis, and cost vs. AUROC."""
+    """ROC overlay, AUROC forest plot, accuracy vs. thesis, and cost vs. AUROC, each naming the verdicts."""
+    board = board.assign(label=labelled(board))
     evaluated = board[board["status"] == "evaluated"]
     curves = []
     for model in evaluated["model"]:
         test = predictions[model][predictions[model]["split"] == "test"]
         if test["y_true"].nunique() == 2:
             row = evaluated.set_index("model").loc[model]
-            label = f"{model}: AUROC {figures.format_ci(row.auroc, row.auroc_ci_low, row.auroc_ci_high)}"
+            label = f"{row.label}: AUROC {figures.format_ci(row.auroc, row.auroc_ci_low, row.auroc_ci_high)}"
             curves.append((label, metrics.curve("roc", test["y_true"], test["score"], np.zeros((0, len(test))))))
     films = f"n={int(evaluated['n_test'].max())} test films" if len(evaluated) else "no evaluated models"
     figures.curve_figure("roc", curves, outputs["roc_overlay"], f"ROC curves on the test split ({films})")
 
     forest = pd.DataFrame({
-        "label": evaluated["model"], "value": evaluated["auroc"].astype(float),
+        "label": evaluated["label"], "value": evaluated["auroc"].astype(float),
         "low": evaluated["auroc_ci_low"].astype(float), "high": evaluated["auroc_ci_high"].astype(float),
         "annotation": [figures.format_ci(v, lo, hi) for v, lo, hi in
                        evaluated[["auroc", "auroc_ci_low", "auroc_ci_high"]].to_numpy()],
-        "flagged": evaluated["auroc_ci_low"].isna().to_numpy()})
-    figures.forest_figure(forest, outputs["forest"], f"Test AUROC with {ci} (patient bootstrap)", "AUROC",
-                          reference=0.5)
+        "flagged": (evaluated["auroc_ci_low"].isna() | (evaluated["verdict"] != verdict.LEARNED)).to_numpy()})
+    figures.forest_figure(forest, outputs["forest"], f"Test AUROC with {ci} (patient bootstrap); grey: no result",
+                          "AUROC", reference=0.5)
 
-    bars = board.set_index("model")
+    bars = board.assign(label=labelled(board, "\n")).set_index("label")
     ours = f"this run: test accuracy ({ci})"
     frame = pd.DataFrame({ours: bars["accuracy"].astype(float),
                           "thesis Table 5.1 (different data set)": bars["thesis_accuracy"].astype(float)})
     errors = pd.DataFrame({f"{ours}_low": bars["accuracy_ci_low"].astype(float),
                            f"{ours}_high": bars["accuracy_ci_high"].astype(float)})
-    figures.bar_figure(frame, outputs["thesis"], "Accuracy: this run vs. the thesis (not the same data)",
+    figures.bar_figure(frame, outputs["thesis"], "Accuracy: this run vs. the thesis (not the same data)\n"
+                       "grey, [verdict]: the model did not learn, its accuracy is no result",
                        "Accuracy", errors, hatched=["thesis Table 5.1 (different data set)"], fmt="{:.2f}",
-                       ylim=(0, 1.08))
-    figures.cost_figure(evaluated, outputs["cost"], "Cost against test AUROC", ci)
+                       ylim=(0, 1.08), muted=list(bars.index[bars["verdict"] != verdict.LEARNED]))
+    figures.cost_figure(evaluated.assign(model=evaluated["label"]), outputs["cost"], "Cost against test AUROC", ci)
 
 
 def aggregate(metric_paths: Sequence[str], prediction_paths: Sequence[str], summary_paths: Sequence[str],
@@ -205,11 +224,15 @@ def aggregate(metric_paths: Sequence[str], prediction_paths: Sequence[str], summ
     """Run the stage: read every model's outputs, write the leaderboard, comparisons and figures."""
     tables = [pd.read_parquet(path) for path in metric_paths]
     predictions = {Path(path).stem: pd.read_parquet(path) for path in prediction_paths}
-    summaries = {}
+    summaries, histories = {}, {}
     for path in summary_paths:
         summary = json.loads(Path(path).read_text())
         summaries[summary["model"]] = summary
-    board = leaderboard(tables, summaries, unavailable, cfg["thesis_models"])
+        history = Path(path).with_name("history.parquet")  # written by the same train job, before the summary
+        histories[summary["model"]] = pd.read_parquet(history) if history.exists() else None
+    verdicts = {model: verdict.judge(table, predictions[model], histories.get(model))
+                for model, table in ((t["model"].iloc[0], t) for t in tables)}
+    board = leaderboard(tables, summaries, unavailable, cfg["thesis_models"], verdicts)
     write_parquet(board, outputs["leaderboard"])
     board.to_csv(outputs["csv"], index=False)
     ci = figures.ci_name(cfg["ci_level"])
@@ -219,6 +242,6 @@ def aggregate(metric_paths: Sequence[str], prediction_paths: Sequence[str], summ
     comparisons_html(table, outputs["comparisons_html"])
     overview_figures(board, predictions, outputs, ci)
     for row in board.itertuples():
-        log.info("%s %s: AUROC %s", row.rank, row.model, figures.format_ci(row.auroc, row.auroc_ci_low,
-                                                                            row.auroc_ci_high))
+        log.info("%s %s: %s; test AUROC %s", row.rank, row.model, row.verdict,
+                 figures.format_ci(row.auroc, row.auroc_ci_low, row.auroc_ci_high))
     return board

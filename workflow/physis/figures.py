@@ -149,11 +149,12 @@ def forest_figure(rows: pd.DataFrame, path: str | Path, title: str, xlabel: str,
 
 def bar_figure(frame: pd.DataFrame, path: str | Path, title: str, ylabel: str,
                errors: pd.DataFrame | None = None, hatched: Sequence[str] = (), fmt: str = "{:.0f}",
-               ylim: tuple[float, float] | None = None) -> None:
+               ylim: tuple[float, float] | None = None, muted: Sequence[str] = ()) -> None:
     """Grouped bars: one group per index entry, one bar per column, values written on the bars.
 
     ``errors``: optional (low, high) columns per series as ``{series}_low``/``{series}_high``.
-    Columns named in ``hatched`` are drawn hatched (e.g. numbers from another data set).
+    Columns named in ``hatched`` are drawn hatched (e.g. numbers from another data set); the other
+    columns' bars of the groups named in ``muted`` are grey (e.g. models that did not learn).
     """
     groups, series = frame.index.tolist(), frame.columns.tolist()
     width = 0.8 / max(len(series), 1)
@@ -166,7 +167,8 @@ def bar_figure(frame: pd.DataFrame, path: str | Path, title: str, ylabel: str,
             yerr = np.vstack([values - errors[f"{name}_low"].to_numpy(float),
                               errors[f"{name}_high"].to_numpy(float) - values])
             yerr = np.where(np.isnan(yerr), 0, yerr)
-        bars = ax.bar(x, np.nan_to_num(values), width, label=name, color=COLORS[i % len(COLORS)],
+        colors = [COLORS[i % len(COLORS)] if name in hatched or group not in muted else "0.7" for group in groups]
+        bars = ax.bar(x, np.nan_to_num(values), width, label=name, color=colors,
                       hatch="//" if name in hatched else None, alpha=0.6 if name in hatched else 1.0,
                       yerr=yerr, capsize=3)
         for bar, value in zip(bars, values):

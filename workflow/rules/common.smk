@@ -69,5 +69,10 @@ def train_resources(name):
     return physis_train.resources(model_plugin(name), config["models"][name])
 
 
+def train_priority(name):
+    """Where cores are scarce, models train in the order the config lists them (the first first)."""
+    return len(MODELS) - MODELS.index(name)
+
+
 wildcard_constraints:
     model="|".join(MODELS) or "no_models_configured",

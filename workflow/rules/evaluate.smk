@@ -13,7 +13,7 @@ rule predict:
         f"{LOGS}/predict/{{model}}.log",
     benchmark:
         f"{BENCH}/predict/{{model}}.tsv"
-    threads: 2
+    threads: lambda w: train_resources(w.model)["cpus"]
     resources:
         mem_mb=lambda w: train_resources(w.model)["mem_mb"],
     conda:
@@ -124,7 +124,7 @@ rule gallery:
         f"{LOGS}/gallery/{{model}}.log",
     benchmark:
         f"{BENCH}/gallery/{{model}}.tsv"
-    threads: 2
+    threads: lambda w: train_resources(w.model)["cpus"]
     resources:
         mem_mb=lambda w: train_resources(w.model)["mem_mb"],
     conda:

@@ -31,6 +31,7 @@ rule preprocess:
     benchmark:
         f"{BENCH}/preprocess/{{preset}}.tsv"
     threads: 2
+    priority: 100  # cheap, and every model waits for its preset
     conda:
         "../../envs/physis.yaml"
     script:

@@ -11,6 +11,7 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{model}}.tsv"
     threads: lambda w: train_resources(w.model)["cpus"]
+    priority: lambda w: train_priority(w.model)
     retries: config["train"]["retries"]
     resources:
         mem_mb=lambda w: train_resources(w.model)["mem_mb"],
