@@ -217,3 +217,17 @@ def test_missing_root_names_the_folder(tmp_path):
 def test_split_left_with_one_class_is_an_error(phantom_root, tmp_path):
     with pytest.raises(SplitError, match="has only class"):
         run(phantom_root, tmp_path, split={"fractions": {"train": 0.96, "val": 0.02, "test": 0.02}})
+
+
+def test_the_phantom_truth_reaches_the_manifest_and_only_for_physeal_positives(phantom_root, tmp_path):
+    from physis.phantom import CONSPICUITY, TRUTH_FILE
+
+    _, manifest, _, _ = run(phantom_root, tmp_path)
+    truth = pd.read_csv(phantom_root / TRUTH_FILE)
+    assert set(truth["kind"]) >= {"SH2"} and (truth.loc[truth["kind"].str.startswith("SH"), "displacement_pct"] > 0).all()
+    positives = manifest[manifest["label"] == 1]
+    assert positives[CONSPICUITY].notna().all() and positives[CONSPICUITY].gt(0).all()
+    assert manifest.loc[manifest["sh_type"].isna(), CONSPICUITY].isna().all()  # no physeal fracture, no value
+    film = positives.iloc[0]
+    rows = truth[(truth["filestem"] == film["image_id"]) & truth["kind"].str.startswith("SH")]
+    assert film[CONSPICUITY] == rows["displacement_pct"].max()

@@ -230,3 +230,28 @@ def test_write_gallery_with_gradcam_fallback(tmp_path, monkeypatch):
     output = tmp_path / "gallery.png"
     evaluate.write_gallery(predictions_path, tmp_path, preset, output, 2, "toy")
     assert output.read_bytes()[:4] == b"\x89PNG" and seen["rows"] <= 2
+
+
+def test_sensitivity_by_phantom_conspicuity_in_thirds():
+    """With the phantom's ground truth, test positives are split into thirds by displacement; a model that
+    misses subtle fractures shows it. Without the column there is no such group."""
+    from physis.phantom import CONSPICUITY
+
+    cfg = eval_config()
+    scores = synthetic_scores(patients=120, seed=4)
+    positive = scores["y_true"] == 1
+    displacement = pd.Series(np.random.default_rng(1).uniform(0, 30, len(scores)), index=scores.index)
+    scores[CONSPICUITY] = displacement.where(positive)
+    scores.loc[positive, "score"] = (displacement[positive] / 30).to_numpy()  # only displaced ones score high
+    scores.loc[~positive, "score"] = 0.2
+    threshold = evaluate.Threshold(0.5, "fixed")
+    predictions = evaluate.predictions_table(scores, threshold)
+    assert CONSPICUITY in predictions
+    table = evaluate.metric_table(predictions, threshold, cfg, "toy")
+    thirds = table[table["group"] == "conspicuity"].set_index("subgroup")["value"]
+    assert len(thirds) == 3 and list(thirds.index)[0].startswith("subtle (<")
+    subtle, moderate, obvious = thirds.to_numpy()
+    assert subtle == 0.0 and obvious == 1.0 and 0.0 < moderate < 1.0  # edges near 10% and 20%; threshold at 15%
+    plain = evaluate.metric_table(evaluate.predictions_table(scores.drop(columns=CONSPICUITY), threshold), threshold,
+                                  cfg, "toy")
+    assert "conspicuity" not in set(plain["group"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from physis import ao, export, splits
+from physis import ao, export, phantom, splits
 from physis.io import write_json, write_parquet
 from physis.labels import label_image
 from physis.logs import progress
@@ -137,6 +137,7 @@ def convert(cfg: dict, out_dir: str | Path, failure_rejects: str | Path | None =
         raise type(err)(f"{err} (every rejected and excluded input, with its reason: {where})") from None
     if failure_rejects is not None:
         Path(failure_rejects).unlink(missing_ok=True)  # from an earlier failed run
+    manifest = phantom.attach_truth(manifest, cfg["dataset"]["root"])  # optional columns, phantom only
 
     summary = summarize(manifest, table)
     export.write_coco(manifest, boxes, out_dir / "coco")

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from physis import figures, metrics, stats
+from physis.phantom import CONSPICUITY
 from physis.io import write_parquet
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ METRIC_COLUMNS = ["model", "split", "group", "subgroup", *metrics.ROW_COLUMNS]
 SPLITS = ("val", "test")
 SH_TYPES = {1: "SH I", 2: "SH II", 3: "SH III", 4: "SH IV"}
 GROUP_LABELS = {"overall": "All films", "sh_type": "Salter-Harris type", "age": "Age band", "sex": "Sex",
-                "view": "View"}
+                "view": "View", "conspicuity": "Fracture displacement (phantom truth)"}
+
 
 
 class EvaluateError(ValueError):
@@ -83,7 +85,8 @@ def predictions_table(scores: pd.DataFrame, threshold: Threshold) -> pd.DataFram
     if missing:
         raise EvaluateError(f"scores table lacks column(s) {', '.join(missing)}")
     out = scores.assign(y_pred=(scores["score"] >= threshold.value).astype(int))
-    return out[PREDICTION_COLUMNS].reset_index(drop=True)
+    optional = [CONSPICUITY] if CONSPICUITY in out else []
+    return out[PREDICTION_COLUMNS + optional].reset_index(drop=True)
 
 
 def _weights(frame: pd.DataFrame, cfg: dict, *key: str) -> np.ndarray:
@@ -106,6 +109,12 @@ def subgroups(test: pd.DataFrame, cfg: dict) -> Iterator[tuple[str, str, pd.Data
     positives = test[test["y_true"] == 1]
     for code, label in SH_TYPES.items():
         yield "sh_type", label, positives[positives["sh_type"] == code], ["sensitivity"]
+    # the phantom's ground truth, when the data has it: positives in thirds by how far the physeal fragment
+    # is displaced (readers miss undisplaced Salter-Harris fractures most)
+    if CONSPICUITY in positives and positives[CONSPICUITY].notna().sum() >= 3:
+        thirds = conspicuity_thirds(positives[CONSPICUITY])
+        for level in thirds.cat.categories:
+            yield "conspicuity", str(level), positives[thirds == level], ["sensitivity"]
     columns = {"age": age_bands(test["age"], cfg["age_bands"]),
                "sex": test["sex"].fillna("unknown").astype("category"),
                "view": test["view"].fillna("unknown").astype("category")}
@@ -113,6 +122,14 @@ def subgroups(test: pd.DataFrame, cfg: dict) -> Iterator[tuple[str, str, pd.Data
         for level in levels.cat.categories:
             if (levels == level).any():
                 yield group, str(level), test[levels == level], list(cfg["subgroup_metrics"])
+
+
+def conspicuity_thirds(displacement: pd.Series) -> pd.Series:
+    """Displacements (percent of the bone's width) in thirds of the films given: subtle, moderate, obvious."""
+    edges = displacement.quantile([1 / 3, 2 / 3]).to_numpy()
+    labels = [f"subtle (< {edges[0]:.1f}% of bone width)", f"moderate ({edges[0]:.1f}–{edges[1]:.1f}%)",
+              f"obvious (≥ {edges[1]:.1f}%)"]
+    return pd.cut(displacement, [-np.inf, edges[0], edges[1], np.inf], right=False, labels=labels)
 
 
 def _rare_note(rows: pd.DataFrame, frame: pd.DataFrame, minimum: int) -> pd.Series:

@@ -15,10 +15,13 @@ import pandas as pd
 
 from physis import plugins as registry
 from physis.detection import boxes_table
+from physis.phantom import CONSPICUITY
 from physis.plugins import ModelConfig, Plugin
 from physis.train import load_frames, load_model, predict_data, predict_scores
 
 PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "sh_type", "age", "sex", "view"]
+#: Manifest columns that travel with the scores when the data has them (the phantom's ground truth).
+OPTIONAL_COLUMNS = [CONSPICUITY]
 BOX_COLUMNS = ["image_id", "split", "x", "y", "w", "h", "score"]
 
 
@@ -53,7 +56,7 @@ def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str
     frame = pd.concat([frames[s] for s in splits if s in frames], ignore_index=True)
     data = predict_data(cfg, frame, pd.read_parquet(preset_dir / "boxes.parquet"), preset_dir)
     out = frame.rename(columns={"label": "y_true"}).assign(score=predict_scores(plugin, model, cfg, data))
-    return out[PREDICTION_COLUMNS], predicted_boxes(plugin, model, cfg, data)
+    return out[PREDICTION_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in out]], predicted_boxes(plugin, model, cfg, data)
 
 
 def predicted_boxes(plugin: Plugin, model, cfg: ModelConfig, data) -> pd.DataFrame:

@@ -33,12 +33,13 @@ import sys
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from physis.records import CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box
@@ -940,6 +941,28 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float)
     return np.array(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
 
 
+@dataclass(frozen=True)
+class FractureTruth:
+    """What the phantom drew for one visible fracture: how conspicuous it is, in the bone's own size.
+
+    ``displacement_pct``: the fragment's shift, ``gap_pct``: the fracture gap's width, both in percent
+    of the bone's width at its metaphysis; ``healing``: 0 (fresh) to 1 (six weeks on).
+    """
+
+    filestem: str
+    kind: str
+    bone: str
+    displacement_pct: float
+    gap_pct: float
+    healing: float
+
+
+#: The phantom's ground truth, one row per visible fracture, next to dataset.csv (not part of the release).
+TRUTH_FILE = "phantom_truth.csv"
+#: Manifest column convert adds from it: the displacement of the film's physeal fracture.
+CONSPICUITY = "phantom_displacement_pct"
+
+
 def render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | None = None
            ) -> tuple[np.ndarray, list[Box]]:
     """Draw one film: a uint16 array (full 0–65535 range) and its boxes in pixels.
@@ -947,6 +970,13 @@ def render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | No
     ``show_fracture`` overrides ``spec.fracture_visible`` (the tests compare both renderings of
     a film: they differ only near its fracture boxes). Random draws do not depend on it.
     """
+    pixels, boxes, _ = _render(spec, size_scale, show_fracture)
+    return pixels, boxes
+
+
+def _render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | None = None
+            ) -> tuple[np.ndarray, list[Box], list[FractureTruth]]:
+    """:func:`render`, plus the ground truth of every fracture drawn."""
     rng = np.random.default_rng(spec.image_seed)
     anatomy = np.random.default_rng(spec.anatomy_seed)
     width, height = _film_size(rng, size_scale)
@@ -978,9 +1008,14 @@ def render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | No
         film.add_bone(metacarpal)
 
     boxes: list[Box] = []
+    truth: list[FractureTruth] = []
     if visible:
         for index, fragment in fragments.items():
             bone = bones[spec.fractures[index].bone]
+            bone_width = 2 * bone.rm if isinstance(bone, _LongBone) else 2 * bone.a  # metaphysis, or a carpal's
+            truth.append(FractureTruth(spec.stem, spec.fractures[index].kind, spec.fractures[index].bone,
+                                       round(100 * float(np.hypot(*fragment.shift)) / bone_width, 2),
+                                       round(100 * fragment.width / bone_width, 2), round(spec.healing, 3)))
             points = [fragment.line, fragment.line + np.array(fragment.shift)]
             if fragment.extra_points is not None:
                 points.append(fragment.extra_points)
@@ -1029,7 +1064,7 @@ def render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | No
     # a 12-bit detector reading stretched to the 16-bit range (also keeps the PNGs smaller)
     image *= 4095.0
     np.rint(image, out=image)
-    return _TWELVE_TO_SIXTEEN_BITS[image.astype(np.uint16)], boxes
+    return _TWELVE_TO_SIXTEEN_BITS[image.astype(np.uint16)], boxes, truth
 
 
 # --------------------------------------------------------------------------------------------
@@ -1085,15 +1120,16 @@ def write_csv(path: Path, images: list[PhantomImage]) -> None:
         writer.writerows(image.csv_row() for image in images)
 
 
-def _write_film(root: Path, folder: str, spec: PhantomImage, size_scale: float) -> list[str]:
-    """Render one film and write its PNG, YOLO label and VOC XML; return its box classes."""
-    pixels, boxes = render(spec, size_scale)
+def _write_film(root: Path, folder: str, spec: PhantomImage, size_scale: float
+                ) -> tuple[list[str], list[FractureTruth]]:
+    """Render one film and write its PNG, YOLO label and VOC XML; return its box classes and truth."""
+    pixels, boxes, truth = _render(spec, size_scale)
     height, width = pixels.shape
     (root / folder / f"{spec.stem}.png").write_bytes(png16(pixels))
     (root / LABEL_DIR / f"{spec.stem}.txt").write_text(yolo_text(boxes, width, height), encoding="ascii")
     (root / VOC_DIR / f"{spec.stem}.xml").write_text(voc_xml(spec.stem, folder, boxes, width, height),
                                                       encoding="utf-8")
-    return [box.cls for box in boxes]
+    return [box.cls for box in boxes], truth
 
 
 #: Written first into every folder the phantom fills; the phantom writes only where it finds this
@@ -1122,7 +1158,7 @@ def claim_folder(root: Path) -> None:
     A marked folder is cleared of the phantom's earlier files, so a smaller phantom leaves no stale films.
     """
     check_folder(root)
-    for name in (*IMAGE_FOLDERS, "folder_structure", "dataset.csv"):
+    for name in (*IMAGE_FOLDERS, "folder_structure", "dataset.csv", TRUTH_FILE):
         target = root / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -1148,9 +1184,13 @@ def generate(root: str | Path, n_patients: int = 200, seed: int = 0, physeal_rat
     jobs = ([root] * len(images), folders, images, [size_scale] * len(images))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            classes = list(pool.map(_write_film, *jobs, chunksize=8))
+            written = list(pool.map(_write_film, *jobs, chunksize=8))
     else:
-        classes = list(map(_write_film, *jobs))
+        written = list(map(_write_film, *jobs))
+    classes = [film_classes for film_classes, _ in written]
+    truth = pd.DataFrame([asdict(row) for _, rows in written for row in rows],
+                         columns=[f.name for f in fields(FractureTruth)])
+    truth.to_csv(root / TRUTH_FILE, index=False)
     write_csv(root / "dataset.csv", images)  # last: the workflow's phantom rule tracks it as "done"
     physeal = {image.patient_id for image in images if any(f.kind.startswith("SH") for f in image.fractures)}
     return {
@@ -1161,6 +1201,18 @@ def generate(root: str | Path, n_patients: int = 200, seed: int = 0, physeal_rat
         "fracture_visible": sum(image.fracture_visible for image in images),
         "boxes": dict(sorted(Counter(cls for film in classes for cls in film).items())),
     }
+
+
+def attach_truth(manifest: pd.DataFrame, root: str | Path) -> pd.DataFrame:
+    """The manifest with :data:`CONSPICUITY` (the displacement of each film's most displaced visible
+    physeal fracture) when ``root`` is a phantom with its truth file; unchanged for real data."""
+    path = Path(root) / TRUTH_FILE
+    if not path.is_file():
+        return manifest
+    truth = pd.read_csv(path, dtype={"filestem": str})
+    physeal = truth[truth["kind"].str.startswith("SH")]
+    displacement = physeal.groupby("filestem")["displacement_pct"].max().rename(CONSPICUITY)
+    return manifest.join(displacement, on="image_id")
 
 
 def main(argv: list[str] | None = None) -> int:
