@@ -15,8 +15,8 @@ confidence interval just excludes 0.5. The rule:
 3. **no evidence of learning**: everything else. Decided on validation alone when its AUROC CI
    includes 0.5; when validation looks better than chance but test does not confirm it, the
    reason says so.
-4. **not configured** (a service without credentials) and **failed** (no evaluated output) come
-   from the aggregate stage, with their reasons.
+4. **not configured**: a service without credentials (the aggregate stage gives the reason). A model
+   whose job failed has no row: the run fails and names the job, and `--keep-going` trains the others.
 
 Each model that did not learn gets a one-line hint drawn from its training history.
 """
@@ -32,12 +32,10 @@ LEARNED = "learned"
 NO_EVIDENCE = "no evidence of learning"
 DEGENERATE = "degenerate"
 NOT_CONFIGURED = "not configured"
-FAILED = "failed"
 #: Order in which the leaderboard lists verdicts: results first, then what is no result.
-ORDER = (LEARNED, NO_EVIDENCE, DEGENERATE, FAILED, NOT_CONFIGURED)
+ORDER = (LEARNED, NO_EVIDENCE, DEGENERATE, NOT_CONFIGURED)
 #: The verdicts as figure labels name them.
-SHORT = {LEARNED: "learned", NO_EVIDENCE: "no evidence", DEGENERATE: "degenerate", FAILED: "failed",
-         NOT_CONFIGURED: "not configured"}
+SHORT = {LEARNED: "learned", NO_EVIDENCE: "no evidence", DEGENERATE: "degenerate", NOT_CONFIGURED: "not configured"}
 #: Scores whose 5th-95th percentile range is narrower than this are near-constant.
 MIN_SPREAD = 0.05
 #: How the report states the rule (methods section and leaderboard notes).
