@@ -1,22 +1,27 @@
 # physis: train and benchmark physeal-fracture detectors on pediatric wrist X-rays.
 #
 # DAG: phantom (optional) -> convert -> preprocess (one job per preset) -> train (one job per model)
-#      -> predict -> evaluate (+ gallery) -> aggregate; then `snakemake --report results/report.html`.
+#      -> predict (-> ensemble) -> evaluate (+ gallery for models) -> aggregate;
+#      then `snakemake --report results/report.html`.
 # Results layout (under config["results"], default results/):
 #   data/                 manifest, boxes, rejects, summary, coco/, tfrecord/      (convert)
 #   preprocess/{preset}/  images/, index, boxes, rejected, recipe.json, steps.png (preprocess)
 #   models/{model}/       saved model, recipe.json, params.json, history.parquet,
 #                         tensorboard/, checkpoints/, train_summary.json          (train)
+#                         calibration.json: calibrator + threshold for `physis predict` (evaluate)
+#   models/{ensemble}/    ensemble.json, calibration.json                         (ensemble, evaluate)
 #   scores/{model}.parquet, predictions/{model}.parquet, metrics/{model}.parquet  (predict, evaluate)
 #   figures/{model}/, figures/data/, figures/comparison/                          (evaluate, aggregate)
 #   leaderboard.parquet|csv|html, comparisons.parquet|html                        (aggregate)
 #   logs/, benchmarks/    one log and one runtime/memory record per job
+# Relative paths in the config (results, dataset.root) are relative to the working directory;
+# plugin_dirs, scripts, envs and schemas are relative to this folder (so `module` use works too).
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.current_basedir}/config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -1,9 +1,9 @@
 """A local emulator of the Azure Custom Vision REST API, for physis' tests and demo only.
 
-It implements the subset that ``plugins/azure_custom_vision.py`` uses, with the paths, camelCase
-query names, JSON keys and status codes of the installed SDK (3.1.1: training API v3.4-preview,
-prediction v3.1; any ``v3.x[-preview]`` is accepted), so that the plugin talks to it through the
-real SDK with the endpoint pointed at 127.0.0.1. Key headers are matched case-insensitively (the
+It implements the subset that the ``azure_custom_vision`` plugin (``physis.custom_vision``) uses,
+with the paths, camelCase query names, JSON keys and status codes of the installed SDK (3.1.1:
+training API v3.4-preview, prediction v3.1; any ``v3.x[-preview]`` is accepted), so that the plugin
+talks to it through the real SDK with the endpoint pointed at 127.0.0.1. Key headers are matched case-insensitively (the
 SDK sends ``Training-key``, the REST reference says ``Training-Key``).
 
 Scoring is deliberately simple and honest: when a project is trained, the emulator shrinks every

@@ -1,4 +1,4 @@
-"""AO code parsing against the real code strings of GRAZPEDWRI-DX (shared/docs/grazpedwri-dx.md)."""
+"""AO code parsing against the real code strings of GRAZPEDWRI-DX (docs/grazpedwri-dx.md)."""
 
 import pytest
 

@@ -1,4 +1,5 @@
-"""The azure_custom_vision plugin, driven through the real SDK against tests/azure_emulator.py.
+"""The azure_custom_vision plugin (and physis.custom_vision behind it), driven through the real SDK
+against tests/azure_emulator.py.
 
 Every test runs a fresh emulator on 127.0.0.1 and tiny 64×32 films; fault injection covers
 throttling (429 + Retry-After), 5xx on upload, partial 207 batches, failed and endless
@@ -21,6 +22,7 @@ import pytest
 from azure_emulator import DOMAINS, AzureEmulator
 from PIL import Image
 
+from physis import custom_vision
 from physis.images import write_gray16
 from physis.plugins import PLUGIN_DIR, ModelConfig, PluginError, PredictData, TrainData, load_source, resolve_params
 
@@ -345,7 +347,7 @@ def test_discard_unpublishes_before_deleting(make_cfg, env, emulator, plugin, fi
 def test_rerun_after_kill_resumes_without_reupload_or_second_training(make_cfg, env, emulator, plugin, films,
                                                                      monkeypatch):
     cfg = make_cfg()
-    session = plugin.module.Session
+    session = custom_vision.Session
     train_iteration, publish = session.train_iteration, session.publish
 
     def killed(self):  # a BaseException, like SIGINT: no cleanup, the state stays for the rerun

@@ -20,7 +20,7 @@ from physis.records import YOLO_CLASSES
 N_PATIENTS, SEED, SCALE = 40, 3, 0.3
 STEM = re.compile(r"^(\d{4})_(\d{10})_(\d{2})_WRI-([LR])([123])_([MFO])(\d{3})$")
 FOREARM = re.compile(r"^(2[123])([ru]?)[-/]?([EMD])/?(\d)(?:\.(\d)?)?$")  # the doc's parser regex
-#: dataset.csv's columns in the release's order (shared/docs/grazpedwri-dx.md)
+#: dataset.csv's columns in the release's order (docs/grazpedwri-dx.md)
 COLUMNS = ("filestem", "patient_id", "study_number", "timehash", "gender", "age", "laterality", "projection",
            "initial_exam", "ao_classification", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible",
            "metal", "pixel_spacing", "device_manufacturer")

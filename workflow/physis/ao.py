@@ -3,7 +3,7 @@
 A code reads ``{bone}{segment}{r|u}-{E|M|D}/{child}.{severity}``: ``23r-E/2.1`` is a
 Salter-Harris II fracture of the distal radius. The release writes codes with several
 separators and dirty variants (``23u-E7``, ``23u/E/7``, ``23r-M/2.``, trailing spaces, no
-severity); the rules here are the ones in ``shared/docs/grazpedwri-dx.md``. Non-forearm
+severity); the rules here are the ones in ``docs/grazpedwri-dx.md``. Non-forearm
 adult codes (``72B(b)``) pass through as kind ``other``; anything else unreadable is kept as
 kind ``unknown`` so nothing is lost.
 """

@@ -36,7 +36,7 @@ def load(path: str | Path | None = None, overrides: dict | None = None) -> dict:
 
 def check(cfg: dict, plugins: dict | None = None) -> None:
     """The checks beyond the schema; with the plugin registry, also each model's plugin, params and preset."""
-    from physis import phantom
+    from physis.phantom_folder import PhantomFolderError, check_folder
 
     fractions = cfg["split"]["fractions"]
     total = fractions["train"] + fractions["val"] + fractions["test"]
@@ -45,8 +45,8 @@ def check(cfg: dict, plugins: dict | None = None) -> None:
                           f"{fractions['val']:g} + test {fractions['test']:g} = {total:g}")
     if cfg["dataset"]["phantom"]["enabled"]:
         try:
-            phantom.check_folder(Path(cfg["dataset"]["root"]))
-        except phantom.PhantomFolderError as err:
+            check_folder(Path(cfg["dataset"]["root"]))
+        except PhantomFolderError as err:
             raise ConfigError(f"dataset.root and dataset.phantom.enabled: true do not fit together: {err}") from None
     if plugins is not None:
         check_models(cfg, plugins)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from physis import plugins as registry
 from physis.plugins import Explanation, ModelConfig, TrainData
 
@@ -119,6 +117,7 @@ def fit(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
 def explain(model, image, cfg: ModelConfig) -> Explanation:
     """The model's own fracture map over ``image``, upsampled to its pixels."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
     pixels = np.asarray(image, dtype="float32")

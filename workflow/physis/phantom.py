@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from physis.phantom_folder import MARKER, PhantomFolderError, check_folder  # noqa: F401 (API)
 from physis.records import CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box
 
 IMAGE_FOLDERS = tuple(f"images_part{k}" for k in range(1, 5))
@@ -1130,26 +1131,6 @@ def _write_film(root: Path, folder: str, spec: PhantomImage, size_scale: float
     (root / VOC_DIR / f"{spec.stem}.xml").write_text(voc_xml(spec.stem, folder, boxes, width, height),
                                                       encoding="utf-8")
     return [box.cls for box in boxes], truth
-
-
-#: Written first into every folder the phantom fills; the phantom writes only where it finds this
-#: file or an empty folder, so it can never overwrite a user's own data set.
-MARKER = ".physis-phantom"
-
-
-class PhantomFolderError(ValueError):
-    """The target folder holds files the phantom did not write."""
-
-
-def check_folder(root: Path) -> None:
-    """Raise :class:`PhantomFolderError` unless ``root`` is missing, empty or marked as the phantom's."""
-    root = Path(root)
-    if (root / MARKER).is_file() or not root.exists() or (root.is_dir() and not any(root.iterdir())):
-        return
-    raise PhantomFolderError(
-        f"{root} holds files the phantom did not write (no {MARKER} marker), and the phantom writes only into "
-        "an empty folder or one it created. If this is your data set, set dataset.phantom.enabled: false; "
-        "otherwise choose an empty folder for the phantom.")
 
 
 def claim_folder(root: Path) -> None:

@@ -21,6 +21,10 @@ Optional hooks:
 ``save(model, folder)`` / ``load(folder, cfg)``: only for framework ``service``, whose "model"
     is a handle to remote state; Keras and tf_keras models are saved by the framework.
 Everything else (save/load, resume, early stopping, class weights) is the framework's job.
+
+Snakemake imports every plugin file each time it parses the workflow, where only Snakemake may be
+installed (``--sdm conda``): a plugin file imports TensorFlow, NumPy, pandas or an SDK inside its
+hooks, never at module level (``tests/test_deployment.py`` checks the shipped plugins).
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ KINDS = ("classifier", "detector", "two_stage", "service")
 FRAMEWORKS = ("keras", "tf_keras", "service")
 REQUIRED_HOOKS = ("build", "train", "predict")
 ENTRY_POINT_GROUP = "physis.plugins"
-PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins"
+#: The workflow's own folder (the repository): relative ``plugin_dirs`` are resolved against it, so the
+#: workflow finds its plugins from any working directory, also when another workflow uses it as a module.
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN_DIR = ROOT / "plugins"
 
 
 class PluginError(ValueError):
@@ -168,8 +175,9 @@ def _load_file(path: Path) -> ModuleType:
 
 
 def discover(plugin_dirs: list[str | Path] | None = None, use_entry_points: bool = True) -> dict[str, Plugin]:
-    """Find every plugin: ``*.py`` files in ``plugin_dirs`` (default: the repository's ``plugins/``)
-    and modules listed in the installed ``physis.plugins`` entry points.
+    """Find every plugin: ``*.py`` files in ``plugin_dirs`` (default: the repository's ``plugins/``;
+    a relative folder is relative to the repository, not to the working directory) and modules
+    listed in the installed ``physis.plugins`` entry points.
 
     A name found twice is an error naming both sources.
     """
@@ -181,7 +189,7 @@ def discover(plugin_dirs: list[str | Path] | None = None, use_entry_points: bool
         found[name] = _validate(name, load(), source)
 
     for directory in plugin_dirs or [PLUGIN_DIR]:
-        directory = Path(directory)
+        directory = ROOT / directory  # an absolute folder stays as it is
         if not directory.is_dir():
             raise PluginError(f"{directory}: plugin folder not found")
         for path in sorted(directory.glob("*.py")):
