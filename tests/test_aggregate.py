@@ -7,13 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
-from test_evaluate import eval_config, synthetic_scores
+from test_evaluate import eval_config, synthetic_scores, uncalibrated
 from test_stats import _brute_force_obuchowski
 
 from physis import aggregate, evaluate, stats
 
 OUTPUTS = {"leaderboard": "leaderboard.parquet", "csv": "leaderboard.csv", "html": "leaderboard.html",
            "comparisons": "comparisons.parquet", "comparisons_html": "comparisons.html",
+           "decision_curve": "decision_curve.png",
            "roc_overlay": "roc_overlay.png", "forest": "forest.png", "thesis": "thesis.png", "cost": "cost.png"}
 MODELS = {"custom_cnn": ("custom_cnn", 3.0, 1e8, 600.0), "weak": ("mobilenetv2", 0.3, 2e6, 60.0),
           "medium": ("resnet50", 1.2, 2e7, 300.0)}
@@ -29,10 +30,8 @@ def model_outputs(tmp_path_factory):
         scores = synthetic_scores(patients=40, seed=0, strength=strength)
         scores["score"] = np.clip(scores["score"] + np.random.default_rng(len(model)).normal(0, 0.05, len(scores)),
                                   0, 1)
-        threshold = evaluate.pick_threshold(scores, cfg)
-        predictions = evaluate.predictions_table(scores, threshold)
-        table = evaluate.metric_table(predictions, threshold, cfg, model)
-        for key, frame in (("metrics", table), ("predictions", predictions)):
+        evaluation = evaluate.evaluate_scores(scores, cfg, model)
+        for key, frame in (("metrics", evaluation.table), ("predictions", evaluation.predictions)):
             path = folder / key / f"{model}.parquet"
             path.parent.mkdir(exist_ok=True)
             frame.to_parquet(path)
@@ -67,14 +66,16 @@ def test_leaderboard_ranks_lists_unavailable_and_labels_thesis(model_outputs, tm
     assert board.set_index("model").loc["weak", "thesis_model"] == "MobileNetV2"  # matched by plugin name
     assert cnn["auroc_ci_low"] <= cnn["auroc"] <= cnn["auroc_ci_high"]
     assert cnn["train_seconds"] == 600.0 and cnn["params"] == 1e8 and cnn["n_test"] == 40
-    assert {"auroc", "accuracy_ci_low", "kappa_ci_high", "threshold", "thesis_accuracy"} <= set(board.columns)
+    assert {"auroc", "accuracy_ci_low", "kappa_ci_high", "threshold", "thesis_accuracy", "brier_raw_ci_low",
+            "ece_raw"} <= set(board.columns)
+    assert cnn["brier_raw_ci_low"] <= cnn["brier_raw"] <= cnn["brier_raw_ci_high"]
     pd.testing.assert_frame_equal(pd.read_parquet(outputs["leaderboard"]), board)
     assert len(pd.read_csv(outputs["csv"])) == 4
     html = open(outputs["html"], encoding="utf-8").read()
     assert "not configured" in html and "no Azure credentials" in html and "different data set" in html
     assert "no evidence of learning: val AUROC" in html and "Hint: no validation AUROC was recorded" in html
-    assert "74.6% (Custom CNN)" in html
-    for key in ("roc_overlay", "forest", "thesis", "cost"):
+    assert "74.6% (Custom CNN)" in html and "Brier score, raw (95% CI)" in html and "ECE, calibrated (95% CI)" in html
+    for key in ("roc_overlay", "forest", "thesis", "cost", "decision_curve"):
         assert open(outputs[key], "rb").read(4) == b"\x89PNG"
 
 
@@ -104,7 +105,7 @@ def test_comparisons_are_clustered_by_patient_and_holm_corrected_per_family(mode
 
 
 def test_comparisons_use_only_common_films_and_explain_failures():
-    scores = synthetic_scores(patients=12)
+    scores = uncalibrated(synthetic_scores(patients=12))
     a = evaluate.predictions_table(scores, evaluate.Threshold(0.5, "youden"))
     b = a.iloc[: len(a) // 2].copy()
     one_class = a.assign(y_true=0)

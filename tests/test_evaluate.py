@@ -1,4 +1,5 @@
-"""The evaluate stage on synthetic scores: threshold, predictions, metric table, figures, gallery."""
+"""The evaluate stage on synthetic scores: calibration, threshold, predictions, metric table, figures, model card,
+gallery."""
 
 import json
 import sys
@@ -9,9 +10,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from physis import aggregate, config, evaluate, metrics, verdict
+from physis import aggregate, calibration, config, evaluate, metrics, model_card, verdict
 
-FIGURES = ["roc", "pr", "calibration", "confusion", "subgroups"]
+FIGURES = ["roc", "pr", "calibration", "decision_curve", "confusion", "subgroups"]
 
 
 def synthetic_scores(patients: int = 40, seed: int = 0, strength: float = 2.0) -> pd.DataFrame:
@@ -31,6 +32,11 @@ def synthetic_scores(patients: int = 40, seed: int = 0, strength: float = 2.0) -
     return frame
 
 
+def uncalibrated(scores: pd.DataFrame) -> pd.DataFrame:
+    """A scores table as the evaluate stage passes it on when calibration is off (``score_raw`` = ``score``)."""
+    return calibration.calibrate(scores, calibration.Calibrator("none"))
+
+
 def eval_config(**changes) -> dict:
     cfg = config.load(overrides={"evaluate": {"bootstrap": 60, "min_positive_patients": 3, **changes}})
     return cfg["evaluate"]
@@ -38,13 +44,14 @@ def eval_config(**changes) -> dict:
 
 def output_paths(folder) -> dict[str, str]:
     names = {"predictions": "predictions.parquet", "metrics": "metrics.parquet", "metrics_html": "metrics.html",
-             "subgroups_html": "subgroups.html", "curves": "training.png", "card": "model_card.html"}
+             "subgroups_html": "subgroups.html", "curves": "training.png", "card": "model_card.html",
+             "calibrator": "calibration.json"}
     names.update({name: f"{name}.png" for name in FIGURES})
     return {key: str(folder / name) for key, name in names.items()}
 
 
 def test_threshold_on_validation_applied_to_test():
-    scores = synthetic_scores()
+    scores = uncalibrated(synthetic_scores())
     cfg = eval_config()
     threshold = evaluate.pick_threshold(scores, cfg)
     val = scores[scores["split"] == "val"]
@@ -78,7 +85,7 @@ def test_one_class_validation_falls_back_with_a_message(caplog):
 
 
 def test_no_skill_on_validation_keeps_the_threshold_and_says_so_up_to_the_leaderboard(caplog):
-    scores = synthetic_scores()
+    scores = uncalibrated(synthetic_scores())
     val = scores["split"] == "val"
     scores.loc[val, "score"] = np.where(scores.loc[val, "y_true"] == 1, 0.2, 0.8)  # every fracture ranked last
     cfg = eval_config()
@@ -96,25 +103,29 @@ def test_no_skill_on_validation_keeps_the_threshold_and_says_so_up_to_the_leader
 
 def test_predictions_need_the_contract_columns():
     with pytest.raises(evaluate.EvaluateError, match="sh_type"):
-        evaluate.predictions_table(synthetic_scores().drop(columns=["sh_type"]), evaluate.Threshold(0.5, "youden"))
+        evaluate.predictions_table(uncalibrated(synthetic_scores()).drop(columns=["sh_type"]),
+                                   evaluate.Threshold(0.5, "youden"))
 
 
 def test_metric_table_rows_and_consistency():
     scores = synthetic_scores()
     cfg = eval_config()
-    threshold = evaluate.pick_threshold(scores, cfg)
-    predictions = evaluate.predictions_table(scores, threshold)
-    table = evaluate.metric_table(predictions, threshold, cfg, "toy")
+    evaluation = evaluate.evaluate_scores(scores, cfg, "toy")
+    predictions, table, threshold = evaluation.predictions, evaluation.table, evaluation.threshold
+    assert evaluation.calibrator.method == "platt"
     assert list(table.columns) == evaluate.METRIC_COLUMNS and (table["model"] == "toy").all()
     overall = table[table["group"] == "overall"]
     for split in ("val", "test"):
         got = overall[(overall["split"] == split) & (overall["metric"] != "threshold")].set_index("metric")
-        assert list(got.index) == list(metrics.METRICS)
+        assert list(got.index) == list(metrics.METRICS) + ["brier_raw", "ece_raw"]
         films = predictions[predictions["split"] == split]
         y, s, p = films["y_true"].to_numpy(), films["score"].to_numpy(), films["y_pred"].to_numpy()
+        raw = scores.loc[scores["split"] == split, "score"].to_numpy()
+        assert (films["score_raw"].to_numpy() == raw).all() and (s == evaluation.calibrator(raw)).all()
         expected = {"accuracy": (y == p).mean(), "sensitivity": p[y == 1].mean(), "specificity": 1 - p[y == 0].mean(),
                     "auroc": sps.mannwhitneyu(s[y == 1], s[y == 0]).statistic / ((y == 1).sum() * (y == 0).sum()),
-                    "brier": np.mean((s - y) ** 2)}
+                    "brier": np.mean((s - y) ** 2), "brier_raw": np.mean((raw - y) ** 2),
+                    "ece_raw": metrics.expected_calibration_error(y, raw, cfg["ece_bins"])}
         assert got.loc[list(expected), "value"].to_dict() == pytest.approx(expected)
         assert (got["n"] == len(films)).all() and (got["n_patients"] == films["patient_id"].nunique()).all()
         assert (got["ci_low"] <= got["value"] + 1e-12).all() and (got["value"] <= got["ci_high"] + 1e-12).all()
@@ -138,14 +149,18 @@ def test_evaluate_model_writes_everything(tmp_path):
     scores_path = tmp_path / "scores.parquet"
     synthetic_scores().to_parquet(scores_path)
     outputs = output_paths(tmp_path)
-    evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy")
+    evaluation = evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy")
     for name in FIGURES:
         assert open(outputs[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
     html = open(outputs["metrics_html"], encoding="utf-8").read()
     assert "Cohen's κ" in html and "Threshold" in html and "patients" in html
+    assert "Brier score before calibration" in html and "Platt scaling fitted on 40 validation films" in html
     assert "Salter-Harris" in open(outputs["subgroups_html"], encoding="utf-8").read()
     predictions = pd.read_parquet(outputs["predictions"])
     assert list(predictions.columns) == evaluate.PREDICTION_COLUMNS
+    saved, threshold = calibration.load(tmp_path)  # the folder physis predict reads
+    assert saved == evaluation.calibrator and threshold == {"value": evaluation.threshold.value, "rule": "youden",
+                                                            "note": ""}
 
 
 def test_one_class_test_split_is_a_message_not_a_crash(tmp_path, caplog):
@@ -155,7 +170,7 @@ def test_one_class_test_split_is_a_message_not_a_crash(tmp_path, caplog):
     scores_path = tmp_path / "scores.parquet"
     scores.to_parquet(scores_path)
     outputs = output_paths(tmp_path)
-    table = evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy")
+    table = evaluate.evaluate_model(scores_path, outputs, eval_config(), "toy").table
     test = table[(table["split"] == "test") & (table["group"] == "overall")].set_index("metric")
     assert np.isnan(test.loc["auroc", "value"]) and test.loc["auroc", "note"] == "undefined: no positives"
     assert test["value"].notna().sum() >= 5  # accuracy, specificity, Brier, ECE, NPV/PPV still reported
@@ -163,26 +178,81 @@ def test_one_class_test_split_is_a_message_not_a_crash(tmp_path, caplog):
     assert all(open(outputs[name], "rb").read(4) == b"\x89PNG" for name in FIGURES)
 
 
-def test_training_report(tmp_path):
-    model_dir = tmp_path / "model"
+DATA_SUMMARY = {"splits": {"train": {"images": 140, "patients": 70, "positives": 50},
+                           "val": {"images": 40, "patients": 20, "positives": 16},
+                           "test": {"images": 40, "patients": 20, "positives": 14}}}
+
+
+def card_inputs(tmp_path, summary: dict, phantom: bool = True):
+    """(summary path, data summary path, evaluation, outputs, context) for :func:`model_card.training_report`."""
+    model_dir = tmp_path / summary["model"]
     model_dir.mkdir()
-    (model_dir / "train_summary.json").write_text(json.dumps(
-        {"model": "toy", "plugin": "custom_cnn", "kind": "classifier", "framework": "keras", "train_seconds": 12.5,
-         "params": 1234, "epochs_run": 3, "best_epoch": 2, "input_shape": [64, 32, 1]}))
+    name = "ensemble.json" if summary.get("kind") == "ensemble" else "train_summary.json"
+    (model_dir / name).write_text(json.dumps(summary))
+    (tmp_path / "data_summary.json").write_text(json.dumps(DATA_SUMMARY))
+    cfg = config.load(overrides={"evaluate": {"bootstrap": 60}, "dataset": {"phantom": {"enabled": phantom}}})
+    evaluation = evaluate.evaluate_scores(synthetic_scores(), cfg["evaluate"], summary["model"])
+    return model_dir / name, tmp_path / "data_summary.json", evaluation, output_paths(tmp_path), cfg
+
+
+def test_model_card_has_the_sections_of_mitchell_et_al(tmp_path):
+    device = {"type": "GPU", "name": "NVIDIA H200", "count": 1, "mixed_precision": True,
+              "label": "1 × NVIDIA H200 (mixed precision)"}
+    summary_path, data_path, evaluation, outputs, cfg = card_inputs(tmp_path, {
+        "model": "toy", "plugin": "custom_cnn", "kind": "classifier", "framework": "keras", "train_seconds": 750.0,
+        "params": 1234, "epochs_run": 3, "best_epoch": 2, "input_shape": [64, 32, 1], "device": device})
+    model_dir = summary_path.parent
     (model_dir / "params.json").write_text(json.dumps({"model": "toy", "params": {"epochs": 3, "lr": 0.001}}))
     (model_dir / "recipe.json").write_text(json.dumps({"preset": "p", "params": {"resize": {"height": 64}}}))
     pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.7, 0.6, 0.5], "val_loss": [0.7, 0.65, 0.66],
                   "auroc": [0.5, 0.6, 0.7], "val_auroc": [0.5, 0.62, 0.6], "accuracy": [0.5, 0.6, 0.7],
                   "val_accuracy": [0.5, 0.6, 0.6]}).to_parquet(model_dir / "history.parquet")
-    outputs = output_paths(tmp_path)
-    evaluate.training_report(model_dir, outputs, "toy")
+    model_card.training_report(summary_path, data_path, evaluation, outputs, cfg, "toy")
     assert open(outputs["curves"], "rb").read(4) == b"\x89PNG"
-    card = open(outputs["card"], encoding="utf-8").read()
-    assert "run: params.lr" in card and "preprocessing: params.resize.height" in card and "custom_cnn" in card
+    card = pd.read_html(outputs["card"], thousands=None)[0].set_index(["Section", "Field"])["Value"]
+    sections = list(dict.fromkeys(card.index.get_level_values(0)))
+    assert sections == ["Model details, training device and budget", "Intended use", "Data",
+                        "Metrics (test split, 95% CI)", "Calibration", "Subgroups (test sensitivity)", "Limitations",
+                        "Run parameters", "Preprocessing recipe"]
+    details = card["Model details, training device and budget"]
+    assert details["Training device"] == device["label"] and details["Training time"] == "12.5 min"
+    assert details["Plugin"] == "custom_cnn" and details["Parameters"] == "1,234"
+    assert "second reader" in card[("Intended use", "Intended use")]
+    assert "adults" in card[("Intended use", "Out of scope")]
+    assert card[("Data", "val split")] == "40 films, 20 patients, 16 positive films"
+    assert "procedural phantom" in card[("Data", "Source")] and "E/1–E/4" in card[("Data", "Label")]
+    test = evaluation.table.query("split == 'test' and group == 'overall'").set_index("metric")
+    auroc = test.loc["auroc"]
+    assert card[("Metrics (test split, 95% CI)", "AUROC")] == (
+        f"{auroc.value:.3f} ({auroc.ci_low:.3f}–{auroc.ci_high:.3f})")
+    assert card[("Calibration", "Method")] == (f"Platt scaling fitted on 40 validation films "
+                                               f"({evaluation.calibrator.n_positive} positive)")
+    assert card[("Calibration", "Brier score: before → after")].startswith(f"{test.loc['brier_raw', 'value']:.3f} (")
+    assert "SH II" in card[("Subgroups (test sensitivity)", "Salter-Harris type")]
+    limitations = card["Limitations"]
+    assert limitations["Phantom"].endswith("are not clinical results.")
+    assert limitations["Verdict"].startswith(verdict.judge(evaluation.table, evaluation.predictions).verdict)
+    assert card[("Run parameters", "params.lr")] == "0.001"
+    assert card[("Preprocessing recipe", "params.resize.height")] == "64"
+
+
+def test_model_card_of_an_ensemble_and_of_a_model_without_a_recorded_device(tmp_path):
+    ensemble = {"model": "duo", "kind": "ensemble", "framework": "ensemble", "plugin": None, "rule": "logistic",
+                "members": ["a", "b"], "selection": "listed in the config", "train_seconds": 120.0, "params": 10,
+                "weights": {"members": ["a", "b"], "coefficients": [1.0, 0.5], "intercept": 0.1}}
+    summary_path, data_path, evaluation, outputs, cfg = card_inputs(tmp_path, ensemble, phantom=False)
+    model_card.training_report(summary_path, data_path, evaluation, outputs, cfg, "duo")
+    card = pd.read_html(outputs["card"], thousands=None)[0].set_index(["Section", "Field"])["Value"]
+    details = card["Model details, training device and budget"]
+    assert details["Ensemble"] == "logistic of a, b" and details["Training time (members' total)"] == "2.0 min"
+    assert "coefficients" in details["Stacking weights (fitted on validation)"]
+    assert "Phantom" not in card["Limitations"] and "GRAZPEDWRI-DX" in card[("Data", "Source")]
+    rows = model_card.training_rows({"model": "old", "plugin": "x", "train_seconds": None})
+    assert dict((field, value) for _, field, value in rows)["Training device"] == model_card.NOT_RECORDED
 
 
 def test_gallery_selection():
-    predictions = evaluate.predictions_table(synthetic_scores(), evaluate.Threshold(0.5, "youden"))
+    predictions = evaluate.predictions_table(uncalibrated(synthetic_scores()), evaluate.Threshold(0.5, "youden"))
     chosen = evaluate.gallery_selection(predictions, 3)
     assert set(chosen) == {"True positives", "False positives", "False negatives"}
     for name, (truth, predicted, ascending) in evaluate.GALLERY_ROWS.items():
@@ -199,7 +269,7 @@ def test_write_gallery_with_gradcam_fallback(tmp_path, monkeypatch):
 
     from physis.plugins import ModelConfig, ModelSpec, Plugin
 
-    predictions = evaluate.predictions_table(synthetic_scores(), evaluate.Threshold(0.5, "youden"))
+    predictions = evaluate.predictions_table(uncalibrated(synthetic_scores()), evaluate.Threshold(0.5, "youden"))
     predictions_path = tmp_path / "predictions.parquet"
     predictions.to_parquet(predictions_path)
     preset = tmp_path / "preset"
@@ -245,13 +315,13 @@ def test_sensitivity_by_phantom_conspicuity_in_thirds():
     scores.loc[positive, "score"] = (displacement[positive] / 30).to_numpy()  # only displaced ones score high
     scores.loc[~positive, "score"] = 0.2
     threshold = evaluate.Threshold(0.5, "fixed")
-    predictions = evaluate.predictions_table(scores, threshold)
+    predictions = evaluate.predictions_table(uncalibrated(scores), threshold)
     assert CONSPICUITY in predictions
     table = evaluate.metric_table(predictions, threshold, cfg, "toy")
     thirds = table[table["group"] == "conspicuity"].set_index("subgroup")["value"]
     assert len(thirds) == 3 and list(thirds.index)[0].startswith("subtle (<")
     subtle, moderate, obvious = thirds.to_numpy()
     assert subtle == 0.0 and obvious == 1.0 and 0.0 < moderate < 1.0  # edges near 10% and 20%; threshold at 15%
-    plain = evaluate.metric_table(evaluate.predictions_table(scores.drop(columns=CONSPICUITY), threshold), threshold,
-                                  cfg, "toy")
+    plain = evaluate.metric_table(evaluate.predictions_table(uncalibrated(scores.drop(columns=CONSPICUITY)), threshold),
+                                  threshold, cfg, "toy")
     assert "conspicuity" not in set(plain["group"])

@@ -236,3 +236,27 @@ def test_no_bootstrap_replicates_means_no_ci_and_says_so():
     rows = metrics.score_rows(frame, np.zeros((0, len(frame)), dtype=int), ["auroc", "accuracy"])
     assert rows["value"].notna().all() and rows["ci_low"].isna().all()
     assert (rows["note"] == "no bootstrap replicates").all()
+
+
+def test_net_benefit_against_a_hand_computed_case():
+    """Five films, two fractures (Vickers & Elkin 2006: NB = TP/n − FP/n · p_t / (1 − p_t))."""
+    y = np.array([1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
+    # p_t = 0.3: films 0.9, 0.4, 0.6 treated, TP 2, FP 1: 2/5 − 1/5 · 3/7; p_t = 0.5: 0.9, 0.6: 1/5 − 1/5 · 1
+    assert metrics.net_benefit(y, p, [0.3, 0.5]) == pytest.approx([0.4 - 0.2 * 3 / 7, 0.0])
+    assert metrics.net_benefit(y, np.ones(5), [0.3]) == pytest.approx([0.4 - 0.6 * 3 / 7])  # treat all
+    # a patient drawn twice counts twice: weights 2, 1, 1, 1, 1 → n = 6; p_t = 0.5: TP 2, FP 1
+    assert metrics.net_benefit(y, p, [0.5], [2, 1, 1, 1, 1]) == pytest.approx([2 / 6 - 1 / 6])
+    curve = metrics.decision_curve(y, p, np.zeros((0, 5), dtype=int))
+    assert curve.thresholds[[0, -1]] == pytest.approx([0.01, 0.99]) and np.isnan(curve.low).all()
+    assert curve.treat_all[0] == pytest.approx(0.4 - 0.6 * 0.01 / 0.99)
+    perfect = metrics.decision_curve(y, y.astype(float), np.zeros((0, 5), dtype=int))
+    assert perfect.model == pytest.approx(np.full(99, 0.4))  # a perfect model: the prevalence at every threshold
+
+
+def test_decision_curve_band_from_the_patient_bootstrap(sample):
+    y, score, _, _ = sample
+    weights = stats.cluster_weights(np.arange(len(y)) // 2, 200, 0)
+    curve = metrics.decision_curve(y, score, weights)
+    inside = (curve.low <= curve.model + 1e-12) & (curve.model <= curve.high + 1e-12)
+    assert inside.mean() > 0.9 and (curve.high - curve.low > 0).all()

@@ -25,19 +25,21 @@ import yaml
 from privacy import assert_no_phi, find_phi
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_MODEL = ["metrics.html", "subgroups.html", "roc.png", "pr.png", "calibration.png", "confusion.png",
-             "subgroups.png", "training.png", "model_card.html", "gallery.png"]
+PER_MODEL = ["metrics.html", "subgroups.html", "roc.png", "pr.png", "calibration.png", "decision_curve.png",
+             "confusion.png", "subgroups.png", "training.png", "model_card.html"]
 SHARED = ["figures/data/class_balance.png", "figures/data/patients.png", "figures/data/examples.png",
           "figures/data/rejects.html", "leaderboard.html", "comparisons.html", "figures/comparison/roc_overlay.png",
           "figures/comparison/auroc_forest.png", "figures/comparison/accuracy_vs_thesis.png",
-          "figures/comparison/cost.png"]
+          "figures/comparison/cost.png", "figures/comparison/decision_curve.png"]
 CATEGORIES = {"Data", "Training", "Evaluation", "Comparison"}
 
 
-def expected_results(results: str, models: list[str]) -> set[str]:
-    """Paths (as the report keys them) of every figure and table the report must hold."""
+def expected_results(results: str, models: list[str], ensembles: list[str] = ()) -> set[str]:
+    """Paths (as the report keys them) of every figure and table the report must hold (an ensemble's: all a
+    model's but the gallery, which needs a network)."""
     return {f"{results}/{name}" for name in SHARED} | {
-        f"{results}/figures/{model}/{name}" for model in models for name in PER_MODEL}
+        f"{results}/figures/{model}/{name}" for model in [*models, *ensembles] for name in PER_MODEL} | {
+        f"{results}/figures/{model}/gallery.png" for model in models}
 
 
 # --------------------------------------------------------------------------- privacy scanner
@@ -363,6 +365,9 @@ for name, module in (("inference", fake_inference), ("pipeline", fake_pipeline))
 '''
 
 SNAKEFILE = '''
+from physis import ensemble
+
+
 configfile: "config.yaml"
 
 
@@ -375,6 +380,9 @@ LOGS = f"{{RESULTS}}/logs"
 BENCH = f"{{RESULTS}}/benchmarks"
 MODELS = ["alpha", "beta"]
 UNAVAILABLE = {{"azure_custom_vision": "no Azure credentials in this test"}}
+ENSEMBLES = ensemble.resolve(config["ensembles"], {{m: {{}} for m in MODELS}}, MODELS, UNAVAILABLE)
+EVALUATED = MODELS + list(ENSEMBLES)
+SUMMARIES = ensemble.summary_files(RESULTS, MODELS, ENSEMBLES)
 
 
 def model_preset(name):
@@ -382,7 +390,7 @@ def model_preset(name):
 
 
 def train_resources(name):
-    return {{"mem_mb": 1000}}
+    return {{"mem_mb": 1000, "cpus": 1}}
 
 
 def model_plugin(name):
@@ -415,7 +423,8 @@ def tiny_workflow(folder: Path, phantom: Path) -> Path:
 
     results = folder / "results"
     cfg = make_config(phantom, results, evaluate={"bootstrap": 40, "gallery_films": 2, "data_examples": 2,
-                                                  "min_positive_patients": 2})
+                                                  "min_positive_patients": 2},
+                      ensembles={"duo": {"members": ["alpha", "beta"], "rule": "logistic"}})
     cfg["results"] = "results"
     convert(cfg, results / "data")
     manifest = pd.read_parquet(results / "data" / "manifest.parquet")
@@ -463,12 +472,16 @@ def test_report_of_tiny_workflow_in_chromium(tmp_path, phantom_root):
     snakemake(folder, stubs, "all")
     snakemake(folder, stubs, "all", "--report", "report.html")
     report = folder / "report.html"
-    leaderboard = check_report(report, expected_results("results", ["alpha", "beta"]),
+    leaderboard = check_report(report, expected_results("results", ["alpha", "beta"], ["duo"]),
                                tmp_path / "leaderboard.png", tmp_path)
     assert "not configured" in leaderboard and "no Azure credentials in this test" in leaderboard
     assert "different data set" in leaderboard
     board = pd.read_parquet(folder / "results" / "leaderboard.parquet")
-    assert list(board["status"]) == ["evaluated", "evaluated", "not configured"]
+    assert list(board["status"]) == ["evaluated", "evaluated", "evaluated", "not configured"]
+    assert board.set_index("model").loc["duo", "kind"] == "ensemble" and "Brier score, raw" in leaderboard
+    assert not (folder / "results" / "figures" / "duo" / "gallery.png").exists()
+    for model in ("alpha", "duo"):  # the calibrator physis predict reads, next to the model
+        assert json.loads((folder / "results" / "models" / model / "calibration.json").read_text())["method"]
     assert_no_phi(folder / "results", ["physis-canary-name"])
     assert_no_phi(report, ["physis-canary-name"])
     print(f"leaderboard screenshot: {tmp_path / 'leaderboard.png'}")
@@ -482,5 +495,8 @@ def test_demo_report_in_chromium(tmp_path):
     if not report.is_file() or not (results / "leaderboard.parquet").is_file():
         pytest.skip("no demo report yet: run `make demo` (it ends with results/report.html)")
     board = pd.read_parquet(results / "leaderboard.parquet")
-    models = board.loc[board["status"] == "evaluated", "model"].tolist()
-    check_report(report, expected_results("results", models), results / "report_leaderboard.png", tmp_path)
+    evaluated = board[board["status"] == "evaluated"]
+    ensembles = evaluated["kind"] == "ensemble"
+    check_report(report, expected_results("results", evaluated.loc[~ensembles, "model"].tolist(),
+                                          evaluated.loc[ensembles, "model"].tolist()),
+                 results / "report_leaderboard.png", tmp_path)

@@ -22,10 +22,8 @@ def evaluated(score_of, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
             "split": split, "y_true": y, "score": score_of(split, y, rng), "sh_type": pd.NA, "age": 10.0,
             "sex": "F", "view": "ap"}))
     scores = pd.concat(frames, ignore_index=True)
-    cfg = eval_config(bootstrap=200)
-    threshold = evaluate.pick_threshold(scores, cfg)
-    predictions = evaluate.predictions_table(scores, threshold)
-    return evaluate.metric_table(predictions, threshold, cfg, "toy"), predictions
+    evaluation = evaluate.evaluate_scores(scores, eval_config(bootstrap=200), "toy")
+    return evaluation.table, evaluation.predictions
 
 
 def test_a_model_that_ranks_on_validation_and_test_learned():
@@ -75,9 +73,19 @@ def test_validation_luck_that_test_does_not_confirm_is_no_evidence():
     assert result.verdict == verdict.NO_EVIDENCE and "test does not confirm it" in result.reason
 
 
-@pytest.mark.parametrize("history, expected", [
-    (None, "no validation AUROC was recorded"),
-    (pd.DataFrame({"epoch": [1], "val_auroc": [0.61]}), "never rose above 0.61 in 1 epoch;"),
+@pytest.mark.parametrize("history, members, expected", [
+    (None, None, "no validation AUROC was recorded"),
+    (pd.DataFrame({"epoch": [1], "val_auroc": [0.61]}), None, "never rose above 0.61 in 1 epoch;"),
+    (None, ["a", "b", "a"], "an ensemble trains nothing itself: combining a, b gave no ranking"),
 ])
-def test_history_hints(history, expected):
-    assert expected in verdict.history_hint(history)
+def test_history_hints(history, members, expected):
+    assert expected in verdict.history_hint(history, members)
+
+
+def test_calibration_that_shrinks_a_weak_model_towards_the_prevalence_does_not_make_it_degenerate():
+    """A nearly flat calibration map (a Platt slope near 0) puts every film near the prevalence; the model's raw
+    scores still vary, so it shows no evidence of learning: it is not degenerate."""
+    table, predictions = evaluated(lambda split, y, rng: rng.random(len(y)))
+    shrunk = predictions.assign(score=0.25 + 0.01 * (predictions["score_raw"] - 0.5))  # monotone: y_pred unchanged
+    assert np.ptp(shrunk["score"]) < verdict.MIN_SPREAD < np.ptp(np.percentile(shrunk["score_raw"], [5, 95]))
+    assert verdict.judge(table, shrunk).verdict == verdict.NO_EVIDENCE

@@ -1,14 +1,17 @@
 """The aggregate stage: every model's test metrics in one leaderboard, paired tests, overview figures.
 
-* Leaderboard: one row per configured model — its verdict (:mod:`physis.verdict`: did it learn?),
+* Leaderboard: one row per configured model or ensemble — its verdict (:mod:`physis.verdict`: did it learn?),
   headline test metrics with CIs, training time and parameter count, and, for models the thesis
   also trained, the thesis's Table 5.1 accuracy (a *different* data set: Graz, 21,557 films, its
   own split; shown for orientation, not as a comparison). Only models that learned are ranked;
   the others follow, unranked, with a hint from their training history. Models that could not run
   here (e.g. Azure without credentials) are rows with status ``not configured`` and the reason.
+  The Brier score and ECE appear twice: of the calibrated probabilities and of the raw scores.
 * Comparisons: every pair of models on the test films both scored — DeLong's test for AUROC
   and McNemar's test for accuracy at each model's own threshold, both clustered by patient
   (Obuchowski 1997, 1998: a child's films are not independent), each family Holm-corrected.
+* Decision curves: net benefit of every model's calibrated test probabilities against threshold
+  probability, with "treat all" and "treat none" (Vickers & Elkin 2006).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ THESIS_TABLE_5_1 = {
 THESIS_NOTE = ("Thesis Table 5.1 accuracies come from a different data set (Graz, 21,557 films, its own "
                "split and labels): shown for orientation only, not comparable with this run's numbers.")
 HEADLINE = ["auroc", "accuracy", "kappa", "sensitivity", "specificity", "ppv", "npv", "f1", "average_precision",
-            "brier", "ece"]
+            "brier", "brier_raw", "ece", "ece_raw"]
 SUMMARY_FIELDS = ["plugin", "kind", "framework", "train_seconds", "params", "epochs_run", "best_epoch"]
 
 
@@ -95,8 +98,10 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
                          "Verdict": [f"{v}: {why}" + (f". Hint: {hint}" if hint else "")
                                      for v, why, hint in board[["verdict", "verdict_reason", "hint"]].fillna(
                                          "").to_numpy()]})
-    for name in ("auroc", "accuracy", "kappa", "sensitivity", "specificity"):
-        view[f"{metrics.METRICS[name]} ({ci})"] = [
+    labels = {**metrics.METRICS, "brier": "Brier score, calibrated", "ece": "ECE, calibrated",
+              **{f"{name}_raw": f"{metrics.METRICS[name]}, raw" for name in ("brier", "ece")}}
+    for name in ("auroc", "accuracy", "kappa", "sensitivity", "specificity", "brier", "brier_raw", "ece", "ece_raw"):
+        view[f"{labels[name]} ({ci})"] = [
             figures.format_ci(v, lo, hi) for v, lo, hi in board[[name, f"{name}_ci_low", f"{name}_ci_high"]].to_numpy()]
     view["Threshold (val)"] = board["threshold"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
     view["Test films / patients / positives"] = [
@@ -107,8 +112,9 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
     view["Thesis accuracy (different data)"] = [
         "–" if pd.isna(a) else f"{a:.1%} ({m})" for m, a in board[["thesis_model", "thesis_accuracy"]].to_numpy()]
     notes = [verdict.RULE,
-             "All metrics on the held-out test split; the threshold was chosen on the validation split. "
-             "Average precision, Brier score, ECE and the other metrics are in leaderboard.csv and each "
+             "All metrics on the held-out test split, of probabilities calibrated on the validation split "
+             "(raw: the model's own scores); the threshold was chosen on the calibrated validation "
+             "probabilities. Average precision and the other metrics are in leaderboard.csv and each "
              "model's metrics table.",
              f"{ci}s: percentile bootstrap resampling patients, not films.", THESIS_NOTE]
     figures.write_html_table(view, path, "Leaderboard (test split)",
@@ -184,16 +190,20 @@ def labelled(board: pd.DataFrame, separator: str = " ") -> pd.Series:
 
 def overview_figures(board: pd.DataFrame, predictions: Mapping[str, pd.DataFrame], outputs: Mapping[str, str],
                      ci: str) -> None:
-    """ROC overlay, AUROC forest plot, accuracy vs. thesis, and cost vs. AUROC, each naming the verdicts."""
+    """ROC overlay, AUROC forest plot, accuracy vs. thesis, cost vs. AUROC and decision curves, each naming
+    the verdicts."""
     board = board.assign(label=labelled(board))
     evaluated = board[board["status"] == "evaluated"]
-    curves = []
+    curves, decision = [], []
     for model in evaluated["model"]:
         test = predictions[model][predictions[model]["split"] == "test"]
+        row = evaluated.set_index("model").loc[model]
+        no_band = np.zeros((0, len(test)), dtype=int)
         if test["y_true"].nunique() == 2:
-            row = evaluated.set_index("model").loc[model]
             label = f"{row.label}: AUROC {figures.format_ci(row.auroc, row.auroc_ci_low, row.auroc_ci_high)}"
-            curves.append((label, metrics.curve("roc", test["y_true"], test["score"], np.zeros((0, len(test))))))
+            curves.append((label, metrics.curve("roc", test["y_true"], test["score"], no_band)))
+        if len(test):
+            decision.append((row.label, metrics.decision_curve(test["y_true"], test["score"], no_band)))
     films = f"n={int(evaluated['n_test'].max())} test films" if len(evaluated) else "no evaluated models"
     figures.curve_figure("roc", curves, outputs["roc_overlay"], f"ROC curves on the test split ({films})")
 
@@ -217,6 +227,8 @@ def overview_figures(board: pd.DataFrame, predictions: Mapping[str, pd.DataFrame
                        "Accuracy", errors, hatched=["thesis Table 5.1 (different data set)"], fmt="{:.2f}",
                        ylim=(0, 1.08), muted=list(bars.index[bars["verdict"] != verdict.LEARNED]))
     figures.cost_figure(evaluated.assign(model=evaluated["label"]), outputs["cost"], "Cost against test AUROC", ci)
+    figures.decision_curve_figure(decision, outputs["decision_curve"],
+                                  f"Decision curves on the test split ({films}, calibrated probabilities)")
 
 
 def aggregate(metric_paths: Sequence[str], prediction_paths: Sequence[str], summary_paths: Sequence[str],
@@ -230,7 +242,8 @@ def aggregate(metric_paths: Sequence[str], prediction_paths: Sequence[str], summ
         summaries[summary["model"]] = summary
         history = Path(path).with_name("history.parquet")  # written by the same train job, before the summary
         histories[summary["model"]] = pd.read_parquet(history) if history.exists() else None
-    verdicts = {model: verdict.judge(table, predictions[model], histories.get(model))
+    verdicts = {model: verdict.judge(table, predictions[model], histories.get(model),
+                                     summaries.get(model, {}).get("members"))
                 for model, table in ((t["model"].iloc[0], t) for t in tables)}
     board = leaderboard(tables, summaries, unavailable, cfg["thesis_models"], verdicts)
     write_parquet(board, outputs["leaderboard"])

@@ -1,37 +1,61 @@
 """The ``physis`` command: list plugins, predict one film, write the phantom, convert.
 
-``physis plugins [--json]`` lists the registered model plugins like ``timm.list_models``;
-``physis predict FILE --model results/models/NAME [--json]`` prints a fracture probability.
+``physis plugins [--json] [--params]`` lists the registered model plugins like ``timm.list_models``
+(parameter counts from a cache; ``--params`` builds every network to count them);
+``physis predict FILE --model results/models/NAME [--json]`` prints a fracture probability, calibrated
+with the calibrator the evaluate stage saved in the model folder.
 ``physis fetch grazpedwri DIR`` downloads, verifies and unpacks GRAZPEDWRI-DX from figshare.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def _param_cache() -> Path:
+    """Where ``physis plugins --params`` keeps the counts it built ($XDG_CACHE_HOME/physis)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "physis" / "parameter_counts.json"
+
+
+def _param_key(plugin, shape: tuple) -> str:
+    """A count stays valid while the plugin file, the input shape and the default parameters do."""
+    digest = hashlib.sha256(Path(plugin.module.__file__).read_bytes())
+    digest.update(json.dumps([list(shape), plugin.spec.params], sort_keys=True, default=str).encode())
+    return f"{plugin.name}:{digest.hexdigest()[:16]}"
 
 
 def _plugins(args) -> int:
     from physis import config as physis_config
     from physis import plugins
-    from physis.plugins import ModelConfig
-    from physis.train import count_params
+    from physis.io import write_json
 
     cfg = physis_config.load(args.config)
     presets = cfg["preprocess"]["presets"]
+    cache_path = _param_cache()
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows = []
     for name, plugin in plugins.discover(cfg["plugin_dirs"]).items():
         spec = plugin.spec
         size = presets.get(spec.preset, {})
         shape = (size.get("height"), size.get("width"), spec.channels)
-        row = {"name": name, "kind": spec.kind, "framework": spec.framework, "preset": spec.preset,
-               "input_shape": list(shape), "params": None, "reference": spec.reference, "source": plugin.source}
-        if not args.no_params and spec.framework != "service" and None not in shape:
-            model = plugin.hook("build")(ModelConfig(name, spec, shape, dict(spec.params)))
-            row["params"] = count_params(model)
-        rows.append(row)
+        countable = spec.framework != "service" and None not in shape
+        key = _param_key(plugin, shape) if countable else None
+        if countable and args.params:  # builds the network: TensorFlow and minutes for the big ones
+            from physis.plugins import ModelConfig
+            from physis.train import count_params
+
+            cache[key] = count_params(plugin.hook("build")(ModelConfig(name, spec, shape, dict(spec.params))))
+        rows.append({"name": name, "kind": spec.kind, "framework": spec.framework, "preset": spec.preset,
+                     "input_shape": list(shape), "params": cache.get(key) if countable else None,
+                     "reference": spec.reference, "source": plugin.source})
+    if args.params:
+        write_json(cache, cache_path)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -42,17 +66,30 @@ def _plugins(args) -> int:
         shape = "x".join(str(v) for v in row["input_shape"])
         params = f"{row['params']:,}" if row["params"] else "-"
         print(f"{row['name']:22s} {row['kind']:10s} {row['framework']:9s} {shape:14s} {row['preset']:20s} {params:>12s}")
+    if any(row["params"] is None and row["framework"] != "service" for row in rows):
+        print("\nparameters -: not counted yet for this plugin file and input; `physis plugins --params` builds "
+              "each network once to count them (minutes)")
     return 0
 
 
 def _predict(args) -> int:
-    from physis.inference import predict_file
+    from physis.inference import predict_probability
 
-    score = predict_file(args.image, args.model)
+    result = predict_probability(args.image, args.model)
+    threshold = result.threshold["value"] if result.threshold else None
+    positive = None if threshold is None else result.probability >= threshold
     if args.json:
-        print(json.dumps({"image": str(args.image), "model": str(args.model), "fracture_probability": score}))
-    else:
-        print(f"{args.image}: fracture probability {score:.3f} ({Path(args.model).name})")
+        print(json.dumps({"image": str(args.image), "model": str(args.model),
+                          "fracture_probability": result.probability, "calibrated": result.calibrated,
+                          "calibration": result.calibration, "raw_score": result.raw, "threshold": threshold,
+                          "positive": positive}))
+        return 0
+    text = (f"{args.image}: fracture probability {result.probability:.3f} ({Path(args.model).name}; "
+            f"{'calibrated: ' if result.calibrated else ''}{result.calibration}; raw model score {result.raw:.3f})")
+    if threshold is not None:
+        text += (f"; {'at or above' if positive else 'below'} the operating threshold {threshold:.3f} chosen on "
+                 "the validation split")
+    print(text)
     return 0
 
 
@@ -99,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plugins", help="list the registered model plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--no-params", action="store_true", help="skip building each network to count parameters")
+    p.add_argument("--params", action="store_true",
+                   help="build each network to count its parameters (TensorFlow; minutes) and cache the counts")
     p.add_argument("--config", help="config file for the preset sizes (default: config/config.yaml)")
     p.set_defaults(func=_plugins)
 

@@ -1,43 +1,50 @@
-"""The evaluate stage: one model's scores → thresholded predictions, metric tables and figures.
+"""The evaluate stage: one model's scores → calibrated probabilities, thresholded predictions, metric tables
+and figures.
 
-The operating threshold is chosen on the **validation** split only (Youden's J or a target
-sensitivity) and applied unchanged to the test split. Every metric carries a CI (95% by default) from a
+The raw scores are first calibrated (:mod:`physis.calibration`: Platt scaling or isotonic regression
+fitted on the **validation** split only); ``score`` is then the calibrated probability and
+``score_raw`` the model's own output, and every metric, curve and comparison uses the probability,
+with the Brier score and ECE of the raw scores next to the calibrated ones. The operating threshold
+is chosen on the calibrated **validation** probabilities only (Youden's J or a target sensitivity)
+and applied unchanged to the test split. Every metric carries a CI (95% by default) from a
 bootstrap that resamples **patients** (:func:`physis.stats.cluster_weights`), seeded per table
 row so results do not depend on evaluation order. Test-split subgroups: Salter-Harris type
 (sensitivity only, since a type exists only among positives), age band, sex and view; a
 subgroup with fewer positive patients than ``min_positive_patients`` is reported with its n and
 flagged as too rare to interpret.
 
-Also here: the per-model training report (curves + model card) and the gallery of explained
-test films, because both belong to one model's evaluation in the report.
+Also here: the decision curve (net benefit, Vickers & Elkin 2006) and the gallery of explained test
+films, because both belong to one model's evaluation in the report (the model card is
+:mod:`physis.model_card`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from physis import figures, metrics, stats
+from physis import calibration, figures, metrics, stats
 from physis.phantom import CONSPICUITY
 from physis.io import write_parquet
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "y_pred", "sh_type", "age", "sex",
-                      "view"]
+PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "score_raw", "y_pred", "sh_type", "age",
+                      "sex", "view"]
 METRIC_COLUMNS = ["model", "split", "group", "subgroup", *metrics.ROW_COLUMNS]
 SPLITS = ("val", "test")
 SH_TYPES = {1: "SH I", 2: "SH II", 3: "SH III", 4: "SH IV"}
 GROUP_LABELS = {"overall": "All films", "sh_type": "Salter-Harris type", "age": "Age band", "sex": "Sex",
                 "view": "View", "conspicuity": "Fracture displacement (phantom truth)"}
-
+#: The calibration metrics also reported on the raw scores, as ``<name>_raw`` rows.
+CALIBRATION_METRICS = ("brier", "ece")
+RAW_LABELS = {f"{name}_raw": f"{metrics.METRICS[name]} before calibration" for name in CALIBRATION_METRICS}
 
 
 class EvaluateError(ValueError):
@@ -142,7 +149,8 @@ def _rare_note(rows: pd.DataFrame, frame: pd.DataFrame, minimum: int) -> pd.Seri
 
 
 def metric_table(predictions: pd.DataFrame, threshold: Threshold, cfg: dict, model: str) -> pd.DataFrame:
-    """Long metric table: overall val and test metrics, test subgroups, and the threshold row."""
+    """Long metric table: overall val and test metrics (Brier score and ECE also of the raw scores, on the
+    same bootstrap replicates), test subgroups, and the threshold row."""
     options = {"level": cfg["ci_level"], "max_skipped": cfg["max_skipped"], "ece_bins": cfg["ece_bins"]}
     parts = []
     for split in SPLITS:
@@ -150,7 +158,10 @@ def metric_table(predictions: pd.DataFrame, threshold: Threshold, cfg: dict, mod
         if films["y_true"].nunique() < 2:
             log.warning("%s: the %s split has %s: metrics that need both classes are reported as undefined",
                         model, split, "no films" if films.empty else f"only class {films['y_true'].iloc[0]}")
-        rows = metrics.score_rows(films, _weights(films, cfg, split, "overall"), **options)
+        weights = _weights(films, cfg, split, "overall")
+        raw = metrics.score_rows(films.assign(score=films["score_raw"]), weights, CALIBRATION_METRICS, **options)
+        raw["metric"] += "_raw"
+        rows = pd.concat([metrics.score_rows(films, weights, **options), raw], ignore_index=True)
         parts.append(rows.assign(split=split, group="overall", subgroup="all"))
     test = predictions[predictions["split"] == "test"]
     for group, level, films, names in subgroups(test, cfg):
@@ -167,21 +178,25 @@ def metric_table(predictions: pd.DataFrame, threshold: Threshold, cfg: dict, mod
     return table[METRIC_COLUMNS]
 
 
-def overall_html(table: pd.DataFrame, threshold: Threshold, path: str | Path, model: str, ci: str) -> None:
+def overall_html(table: pd.DataFrame, threshold: Threshold, calibrator: calibration.Calibrator, path: str | Path,
+                 model: str, ci: str) -> None:
     """Overall metrics, validation next to test, as an HTML table for the report (``ci``: "95% CI")."""
     overall = table[(table["group"] == "overall") & (table["metric"] != "threshold")]
-    frame = pd.DataFrame({"Metric": [metrics.METRICS[m] for m in metrics.METRICS]})
+    labels = {**metrics.METRICS, **RAW_LABELS}
+    frame = pd.DataFrame({"Metric": list(labels.values())})
     for split, label in (("val", "Validation"), ("test", "Test")):
-        rows = overall[overall["split"] == split].set_index("metric").reindex(list(metrics.METRICS))
+        rows = overall[overall["split"] == split].set_index("metric").reindex(list(labels))
         frame[f"{label} ({ci})"] = [figures.format_ci(r.value, r.ci_low, r.ci_high) for r in rows.itertuples()]
         frame[f"{label} note"] = rows["note"].fillna("").to_numpy()
     counts = overall.groupby("split")[["n", "n_patients", "n_positive"]].first()
-    intro = (f"Threshold {threshold.value:.3f} ({threshold.rule}), chosen on the validation split and applied "
-             "unchanged to test. " + "; ".join(
+    intro = (f"Probabilities: {calibrator.describe()}. Threshold {threshold.value:.3f} ({threshold.rule}), chosen "
+             "on the calibrated validation probabilities and applied unchanged to test. " + "; ".join(
                  f"{s}: {int(c.n)} films, {int(c.n_patients)} patients, {int(c.n_positive)} positive films"
                  for s, c in counts.iterrows()) + ".")
     notes = [threshold.note] if threshold.note else []
-    notes.append(f"{ci}s: percentile bootstrap resampling patients, not films.")
+    notes += [f"{ci}s: percentile bootstrap resampling patients, not films.",
+              "Validation Brier score and ECE after calibration are in-sample (the calibrator was fitted on "
+              "those films); the test values are the honest ones."]
     figures.write_html_table(frame, path, f"{model}: metrics", intro, notes)
 
 
@@ -226,9 +241,9 @@ def _describe(films: pd.DataFrame, label: str, stat: pd.Series, stat_name: str) 
     return text
 
 
-def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, threshold: Threshold, cfg: dict,
-                       outputs: Mapping[str, str], model: str, ci: str) -> None:
-    """ROC and PR curves with bands, calibration, confusion matrix and subgroup forest for one model."""
+def evaluation_figures(evaluation: Evaluation, cfg: dict, outputs: Mapping[str, str], model: str, ci: str) -> None:
+    """ROC and PR curves with bands, calibration, decision curve, confusion matrix and subgroup forest."""
+    predictions, table, threshold = evaluation.predictions, evaluation.table, evaluation.threshold
     test = predictions[predictions["split"] == "test"]
     val = predictions[predictions["split"] == "val"]
     overall = table[(table["group"] == "overall")].set_index(["split", "metric"])
@@ -247,70 +262,70 @@ def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, threshold
         points = [] if np.isnan(sens) else [(operating, *point)]
         name = "ROC" if kind == "roc" else "Precision–recall"
         figures.curve_figure(kind, curves, outputs[kind], f"{model}: {name} curve", points)
-    ece, brier = overall.loc[("test", "ece"), "value"], overall.loc[("test", "brier"), "value"]
+    raw = evaluation.calibrator.method != "none"
+    after = ", ".join(f"{name} {overall.loc[('test', metric), 'value']:.3f}" + (
+        f" (raw {overall.loc[('test', f'{metric}_raw'), 'value']:.3f})" if raw else "")
+        for name, metric in (("Brier", "brier"), ("ECE", "ece")))
     figures.calibration_figure(test["y_true"].to_numpy(), test["score"].to_numpy(), cfg["ece_bins"],
                                outputs["calibration"], f"{model}: calibration on test",
-                               f"Brier {brier:.3f}, ECE {ece:.3f} ({cfg['ece_bins']} equal-width bins)")
+                               f"{after}\n{evaluation.calibrator.describe()}\n({cfg['ece_bins']} equal-width bins)",
+                               test["score_raw"].to_numpy() if raw else None)
+    curves = [] if test.empty else [(f"{model} ({ci} band)", metrics.decision_curve(
+        test["y_true"], test["score"], test_weights, cfg["ci_level"], cfg["max_skipped"]))]
+    figures.decision_curve_figure(curves, outputs["decision_curve"],
+                                  f"{model}: decision curve on test ({len(test)} films)",
+                                  [(f"operating threshold {threshold.value:.3f}", threshold.value)])
     figures.confusion_figure(test["y_true"].to_numpy(), test["y_pred"].to_numpy(), outputs["confusion"],
                              f"{model}: test, threshold {threshold.value:.3f}")
     subgroup_figure(table, outputs["subgroups"], model, ci)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One model's evaluation: its calibrator, threshold, prediction table and metric table."""
+
+    calibrator: calibration.Calibrator
+    threshold: Threshold
+    predictions: pd.DataFrame
+    table: pd.DataFrame
+
+
+def evaluate_scores(scores: pd.DataFrame, cfg: dict, model: str) -> Evaluation:
+    """Calibrate on validation, choose the threshold on the calibrated validation probabilities, score."""
+    calibrator = calibration.fit_on_validation(scores, cfg["calibration"])
+    log.info("%s: %s", model, calibrator.describe())
+    calibrated = calibration.calibrate(scores, calibrator)
+    threshold = pick_threshold(calibrated, cfg)
+    predictions = predictions_table(calibrated, threshold)
+    return Evaluation(calibrator, threshold, predictions, metric_table(predictions, threshold, cfg, model))
+
+
 def evaluate_model(scores_path: str | Path, outputs: Mapping[str, str], cfg: dict, model: str,
-                   detection_path: str | Path | None = None) -> pd.DataFrame:
-    """Run the whole stage for one model; write predictions, metrics (parquet + HTML) and figures.
+                   detection_path: str | Path | None = None) -> Evaluation:
+    """Run the whole stage for one model or ensemble; write predictions, metrics (parquet + HTML), figures
+    and ``calibration.json`` (the calibrator and the threshold, for ``physis predict``).
 
     ``detection_path``: the predict rule's COCO AP rows (empty for classifiers), added to the table.
     """
-    scores = pd.read_parquet(scores_path)
-    threshold = pick_threshold(scores, cfg)
-    predictions = predictions_table(scores, threshold)
-    table = metric_table(predictions, threshold, cfg, model)
+    evaluation = evaluate_scores(pd.read_parquet(scores_path), cfg, model)
     detection = pd.read_parquet(detection_path) if detection_path else pd.DataFrame()
     if len(detection):
         detection = detection.assign(model=model, group="overall", subgroup="all", replicates=0,
                                      note="COCO AP of the fracture class (pycocotools); n = reference boxes")
-        table = pd.concat([table, detection], ignore_index=True)[METRIC_COLUMNS]
-    write_parquet(predictions, outputs["predictions"])
+        evaluation = replace(evaluation, table=pd.concat([evaluation.table, detection],
+                                                         ignore_index=True)[METRIC_COLUMNS])
+    table = evaluation.table
+    write_parquet(evaluation.predictions, outputs["predictions"])
     write_parquet(table, outputs["metrics"])
+    calibration.save(evaluation.calibrator, asdict(evaluation.threshold), outputs["calibrator"])
     ci = figures.ci_name(cfg["ci_level"])
-    overall_html(table, threshold, outputs["metrics_html"], model, ci)
+    overall_html(table, evaluation.threshold, evaluation.calibrator, outputs["metrics_html"], model, ci)
     subgroup_html(table, outputs["subgroups_html"], model, ci)
-    evaluation_figures(predictions, table, threshold, cfg, outputs, model, ci)
+    evaluation_figures(evaluation, cfg, outputs, model, ci)
     headline = table[(table["split"] == "test") & (table["group"] == "overall")].set_index("metric")
     log.info("%s test: %s", model, ", ".join(
         f"{name} {figures.format_ci(r.value, r.ci_low, r.ci_high)}" for name, r in headline.iterrows()))
-    return table
-
-
-def training_report(model_dir: str | Path, outputs: Mapping[str, str], model: str) -> None:
-    """Training curves from ``history.parquet`` and a model card (plugin, preprocessing, parameters)."""
-    model_dir = Path(model_dir)
-    summary = json.loads((model_dir / "train_summary.json").read_text())
-    history_path = model_dir / "history.parquet"
-    history = pd.read_parquet(history_path) if history_path.is_file() else pd.DataFrame({"epoch": []})
-    figures.training_figure(history, outputs["curves"], f"{model}: training curves", summary.get("best_epoch"))
-    card = [("Model", model)] + [(key.replace("_", " "), summary[key]) for key in sorted(summary) if key != "model"]
-    for name, section in (("params.json", "run"), ("recipe.json", "preprocessing")):
-        path = model_dir / name
-        if path.is_file():
-            values = _flatten(json.loads(path.read_text()))
-            card += [(f"{section}: {key}", value) for key, value in sorted(values.items())]
-    frame = pd.DataFrame(card, columns=["Field", "Value"]).astype(str)
-    figures.write_html_table(frame, outputs["card"], f"{model}: model card",
-                             "How this model was built and trained: the plugin's metadata, the preprocessing "
-                             "recipe its inputs went through, the resolved hyper-parameters and the run.")
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+    return evaluation
 
 
 GALLERY_ROWS = {"True positives": (1, 1, False), "False positives": (0, 1, False), "False negatives": (1, 0, True)}
@@ -334,7 +349,7 @@ def _caption(row) -> str:
     finding = SH_TYPES.get(row.sh_type, "fracture") if row.y_true == 1 and not pd.isna(row.sh_type) else (
         "fracture" if row.y_true == 1 else "no fracture")
     age = "" if pd.isna(row.age) else f"{row.age:.0f} y "
-    return f"score {row.score:.2f} · {finding}\n{age}{row.sex} · {row.view}"
+    return f"p = {row.score:.2f} · {finding}\n{age}{row.sex} · {row.view}"
 
 
 def write_gallery(predictions_path: str | Path, model_dir: str | Path, preset_dir: str | Path,

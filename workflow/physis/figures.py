@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from physis.io import atomic_path  # noqa: E402
-from physis.metrics import Curve, calibration_edges, reliability  # noqa: E402
+from physis.metrics import Curve, DecisionCurve, calibration_edges, reliability  # noqa: E402
 
 DPI = 110
 COLORS = plt.get_cmap("tab10").colors
@@ -66,15 +66,19 @@ def curve_figure(kind: str, curves: Sequence[tuple[str, Curve]], path: str | Pat
 
 
 def calibration_figure(y_true: np.ndarray, score: np.ndarray, bins: int, path: str | Path, title: str,
-                       note: str) -> None:
+                       note: str, raw: np.ndarray | None = None) -> None:
     """Reliability diagram above a histogram of the scores, both on the ECE's bins
-    (:func:`physis.metrics.calibration_bins`)."""
+    (:func:`physis.metrics.calibration_bins`); ``raw``: the scores before calibration, drawn dashed."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6.2), sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
-    if len(y_true):
-        films, predicted, observed = reliability(y_true, score, bins)
-        filled = films > 0
-        top.plot(predicted[filled], observed[filled], "o-", color=COLORS[0], label=f"model (n={len(y_true)} films)")
+    series = [] if raw is None else [(raw, "--", "0.45", "before calibration")]
+    series.append((score, "-", COLORS[0], "model" if raw is None else "after calibration"))
+    for values, style, color, label in series:
+        if len(y_true):
+            films, predicted, observed = reliability(y_true, values, bins)
+            filled = films > 0
+            top.plot(predicted[filled], observed[filled], style, marker="o", color=color,
+                     label=f"{label} (n={len(y_true)} films)")
     top.set(ylabel="Observed share of fractures", title=title, xlim=(0, 1), ylim=(-0.01, 1.01))
     top.text(0.02, 0.97, note, va="top", fontsize=8, transform=top.transAxes)
     top.grid(alpha=0.3)
@@ -84,6 +88,35 @@ def calibration_figure(y_true: np.ndarray, score: np.ndarray, bins: int, path: s
                 color=[COLORS[3], COLORS[7]], label=["fracture", "no fracture"])
     bottom.set(xlabel="Predicted probability of fracture", ylabel="Films")
     bottom.legend(fontsize=7)
+    save(fig, path)
+
+
+def decision_curve_figure(curves: Sequence[tuple[str, DecisionCurve]], path: str | Path, title: str,
+                          operating_points: Sequence[tuple[str, float]] = ()) -> None:
+    """Net benefit against threshold probability, one line per model (shaded band where it has one),
+    with the "treat all" and "treat none" strategies of the first curve's films and dotted operating
+    thresholds."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    if not curves:
+        ax.text(0.5, 0.5, "not computable: no test films", ha="center", va="center")
+    else:
+        reference = curves[0][1]
+        ax.plot(reference.thresholds, reference.treat_all, ls="--", color="0.35", lw=1.2, label="treat all")
+        ax.axhline(0, color="0.15", lw=1.2, label="treat none")
+        for i, (label, c) in enumerate(curves):
+            color = COLORS[i % len(COLORS)]
+            ax.plot(c.thresholds, c.model, color=color, lw=1.8, label=label)
+            if not np.isnan(c.low).all():
+                ax.fill_between(c.thresholds, c.low, c.high, color=color, alpha=0.2, lw=0)
+        top = max(0.01, reference.treat_all.max(), *(np.nanmax(np.r_[c.model, c.high]) for _, c in curves))
+        ax.set_ylim(-0.25 * top, 1.15 * top)
+    for i, (label, threshold) in enumerate(operating_points):
+        ax.axvline(threshold, ls=":", lw=1.2, color=COLORS[i % len(COLORS)], label=label)
+    ax.set(xlim=(0, 1), title=title, xlabel="Threshold probability pₜ (a false positive weighs "
+           "pₜ / (1 − pₜ) of a true positive)", ylabel="Net benefit (true positives per film, net)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="upper right", fontsize=7.5, framealpha=0.9)
     save(fig, path)
 
 

@@ -1,18 +1,22 @@
 """Using a trained model: the predict rule and ``physis predict <file>``.
 
 Both replay the preprocessing recipe saved with the model (``recipe.json``), so inference
-inputs are prepared exactly like the training inputs.
+inputs are prepared exactly like the training inputs. The predict rule writes raw scores (the
+evaluate stage calibrates them); ``physis predict`` reports the calibrated probability, applying the
+calibrator the evaluate stage saved in the model folder (``calibration.json``), and says so.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from physis import calibration
 from physis import plugins as registry
 from physis.detection import boxes_table
 from physis.phantom import CONSPICUITY
@@ -38,6 +42,10 @@ def model_config(model_dir: str | Path) -> tuple[Plugin, ModelConfig]:
 def load_trained(model_dir: str | Path):
     """(plugin, model, ModelConfig) of a finished model folder."""
     model_dir = Path(model_dir)
+    if (model_dir / "ensemble.json").is_file():
+        members = json.loads((model_dir / "ensemble.json").read_text())["members"]
+        raise ValueError(f"{model_dir}: an ensemble of {', '.join(members)}, which has no network of its own; "
+                         "give one model folder")
     if not (model_dir / "train_summary.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a finished model folder (no train_summary.json)")
     plugin, cfg = model_config(model_dir)
@@ -90,6 +98,29 @@ def predict_file(path: str | Path, model_dir: str | Path) -> float:
         frame = pd.DataFrame({"image_id": ["image"], "path": [str(png)], "label": [0]})
         boxes = pd.DataFrame(columns=["image_id", "class", "x", "y", "w", "h"])
         return float(predict_scores(plugin, model, cfg, predict_data(cfg, frame, boxes, Path(tmp), batch_size=1))[0])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What ``physis predict`` reports for one film: ``probability`` is calibrated when ``calibrated``."""
+
+    probability: float
+    raw: float
+    calibrated: bool
+    calibration: str  # how the probability was calibrated, or why it was not
+    threshold: dict | None  # the operating threshold (value, rule, note) chosen on validation
+
+
+def predict_probability(path: str | Path, model_dir: str | Path) -> Prediction:
+    """The film's fracture probability: the raw score through the model folder's ``calibration.json``
+    (written by the evaluate stage); the raw score, said to be uncalibrated, before the model is evaluated."""
+    raw = predict_file(path, model_dir)
+    saved = calibration.load(model_dir)
+    if saved is None:
+        return Prediction(raw, raw, False, "not calibrated: the model folder has no calibration.json (the evaluate "
+                                           "stage writes it)", None)
+    calibrator, threshold = saved
+    return Prediction(float(calibrator([raw])[0]), raw, calibrator.method != "none", calibrator.describe(), threshold)
 
 
 def _read_any(path: Path) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 AUROC, average precision, Cohen's κ and the Brier score come from scikit-learn; sensitivity,
 specificity, PPV, NPV, accuracy and F1 are ratios of the confusion matrix (tested against
-scikit-learn's functions); the expected calibration error, which scikit-learn lacks, is written
-here. All accept bootstrap weights (``sample_weight``),
+scikit-learn's functions); the expected calibration error and the net benefit of decision-curve
+analysis, which scikit-learn lacks, are written here. All accept bootstrap weights (``sample_weight``),
 so the point estimate and each bootstrap replicate go through the same code.
 
 A metric that is undefined on a sample (AUROC without positives, PPV without predicted positives
@@ -230,9 +230,55 @@ def curve(kind: str, y_true: ArrayLike, score: ArrayLike, weights: np.ndarray, l
         keep = w > 0
         if 0 < (y[keep] * w[keep]).sum() < w[keep].sum():
             replicates.append(_on_grid(kind, y[keep], s[keep], w[keep])[2])
-    tail = (1 - level) / 2 * 100
-    if len(weights) == 0 or len(replicates) < (1 - max_skipped) * len(weights):
-        low = high = np.full_like(GRID, np.nan)
-    else:
-        low, high = np.percentile(np.array(replicates), [tail, 100 - tail], axis=0)
+    low, high = _band(replicates, len(weights), len(GRID), level, max_skipped)
     return Curve(kind, x, y_curve, GRID, low, high)
+
+
+def _band(replicates: list[np.ndarray], total: int, size: int, level: float,
+          max_skipped: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile band over the computable bootstrap replicates of a curve (``size`` points);
+    NaN (withheld) when more than ``max_skipped`` of the ``total`` replicates were not computable."""
+    if total == 0 or len(replicates) < (1 - max_skipped) * total:
+        return np.full(size, np.nan), np.full(size, np.nan)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(np.array(replicates), [tail, 100 - tail], axis=0)
+    return low, high
+
+
+#: Threshold probabilities of the decision curves: 1% to 99%.
+DECISION_THRESHOLDS = np.arange(1, 100) / 100
+
+
+def net_benefit(y_true: ArrayLike, probability: ArrayLike, thresholds: ArrayLike,
+                sample_weight: ArrayLike | None = None) -> np.ndarray:
+    """Net benefit of treating the films whose probability is ≥ p_t, at each threshold probability p_t
+    (Vickers & Elkin 2006): TP/n − FP/n · p_t / (1 − p_t). The odds p_t / (1 − p_t) are the harm of a
+    false positive relative to the benefit of a true positive that a reader choosing p_t accepts.
+    "Treat all" is ``probability`` = 1 for every film; "treat none" is 0 at every threshold."""
+    y, p = np.asarray(y_true, dtype=float), np.asarray(probability, dtype=float)
+    t = np.asarray(thresholds, dtype=float)
+    w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    called = p[None, :] >= t[:, None]
+    n = w.sum()
+    return (called @ (w * y)) / n - (called @ (w * (1 - y))) / n * t / (1 - t)
+
+
+@dataclass(frozen=True)
+class DecisionCurve:
+    """Net benefit of a model, with a pointwise bootstrap band, and of treating every film, per threshold."""
+
+    thresholds: np.ndarray
+    model: np.ndarray
+    low: np.ndarray  # NaN when the band is withheld
+    high: np.ndarray
+    treat_all: np.ndarray
+
+
+def decision_curve(y_true: ArrayLike, probability: ArrayLike, weights: np.ndarray, level: float = 0.95,
+                   max_skipped: float = 0.1) -> DecisionCurve:
+    """The decision curve of one split over :data:`DECISION_THRESHOLDS`, banded over bootstrap ``weights``."""
+    y, p = np.asarray(y_true, dtype=int), np.asarray(probability, dtype=float)
+    replicates = [net_benefit(y[w > 0], p[w > 0], DECISION_THRESHOLDS, w[w > 0]) for w in weights if w.any()]
+    low, high = _band(replicates, len(weights), len(DECISION_THRESHOLDS), level, max_skipped)
+    return DecisionCurve(DECISION_THRESHOLDS, net_benefit(y, p, DECISION_THRESHOLDS), low, high,
+                         net_benefit(y, np.ones_like(p), DECISION_THRESHOLDS))

@@ -18,11 +18,15 @@ confidence interval just excludes 0.5. The rule:
 4. **not configured**: a service without credentials (the aggregate stage gives the reason). A model
    whose job failed has no row: the run fails and names the job, and `--keep-going` trains the others.
 
-Each model that did not learn gets a one-line hint drawn from its training history.
+Each model that did not learn gets a one-line hint drawn from its training history (an ensemble,
+which has none, a hint about its members). The spread is that of the model's raw output
+(``score_raw``): calibration may shrink a weak model's probabilities towards the prevalence, which
+says nothing about whether its output varies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,16 +73,19 @@ def _above(row: pd.Series, chance: float) -> bool:
     return bool(pd.notna(row["ci_low"]) and row["ci_low"] > chance)
 
 
-def judge(metrics: pd.DataFrame, predictions: pd.DataFrame, history: pd.DataFrame | None = None) -> Verdict:
-    """The verdict of one evaluated model from its metrics table, its val/test predictions and its history."""
+def judge(metrics: pd.DataFrame, predictions: pd.DataFrame, history: pd.DataFrame | None = None,
+          members: Sequence[str] | None = None) -> Verdict:
+    """The verdict of one evaluated model from its metrics table, its val/test predictions and its history
+    (``members``: an ensemble's, which has no history)."""
     val_auroc, test_auroc = _row(metrics, "auroc", "val"), _row(metrics, "auroc", "test")
     test_kappa = _row(metrics, "kappa", "test")
-    hint = history_hint(history)
+    hint = history_hint(history, members)
     if _above(val_auroc, 0.5) and _above(test_auroc, 0.5) and _above(test_kappa, 0.0):
         return Verdict(LEARNED, f"val AUROC {_ci(val_auroc)}, test AUROC {_ci(test_auroc)}, "
                                 f"test kappa {_ci(test_kappa)}")
     scored = predictions[predictions["split"].isin(["val", "test"])]
-    low, high = np.percentile(scored["score"], [5, 95]) if len(scored) else (np.nan, np.nan)
+    raw = scored["score_raw"] if "score_raw" in scored else scored["score"]
+    low, high = np.percentile(raw, [5, 95]) if len(scored) else (np.nan, np.nan)
     one_class = [split for split, films in scored.groupby("split") if films["y_pred"].nunique() == 1]
     if high - low < MIN_SPREAD or one_class:
         what = (f"near-constant scores (5th-95th percentile {low:.3f}-{high:.3f})" if high - low < MIN_SPREAD
@@ -90,8 +97,11 @@ def judge(metrics: pd.DataFrame, predictions: pd.DataFrame, history: pd.DataFram
                                 f"(test AUROC {_ci(test_auroc)}, kappa {_ci(test_kappa)})", hint)
 
 
-def history_hint(history: pd.DataFrame | None) -> str:
-    """What the training curves say about a model that did not learn, in one line."""
+def history_hint(history: pd.DataFrame | None, members: Sequence[str] | None = None) -> str:
+    """What the training curves say about a model that did not learn, in one line (an ensemble: its members)."""
+    if members:
+        return (f"an ensemble trains nothing itself: combining {', '.join(dict.fromkeys(members))} gave no ranking "
+                "that validation and test confirm; see the members' verdicts, and ensemble models that learned")
     if history is None or "val_auroc" not in history or history["val_auroc"].isna().all():
         return "no validation AUROC was recorded during training"
     epochs = len(history)

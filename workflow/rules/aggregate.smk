@@ -45,9 +45,9 @@ rule data_figures:
 
 rule aggregate:
     input:
-        metrics=expand(f"{RESULTS}/metrics/{{model}}.parquet", model=MODELS),
-        predictions=expand(f"{RESULTS}/predictions/{{model}}.parquet", model=MODELS),
-        summaries=expand(f"{RESULTS}/models/{{model}}/train_summary.json", model=MODELS),
+        metrics=expand(f"{RESULTS}/metrics/{{model}}.parquet", model=EVALUATED),
+        predictions=expand(f"{RESULTS}/predictions/{{model}}.parquet", model=EVALUATED),
+        summaries=list(SUMMARIES.values()),
     output:
         leaderboard=f"{RESULTS}/leaderboard.parquet",
         csv=f"{RESULTS}/leaderboard.csv",
@@ -94,6 +94,13 @@ rule aggregate:
             subcategory="Figures",
             labels={"figure": "cost vs. AUROC"},
         ),
+        decision_curve=report(
+            f"{RESULTS}/figures/comparison/decision_curve.png",
+            caption="../report/decision_curve_overlay.rst",
+            category="Comparison",
+            subcategory="Figures",
+            labels={"figure": "decision curves"},
+        ),
     params:
         unavailable=UNAVAILABLE,
         evaluate=config["evaluate"],
@@ -112,4 +119,4 @@ rule evaluate_all:
         rules.data_figures.output,
         rules.aggregate.output,
         expand(f"{RESULTS}/figures/{{model}}/gallery.png", model=MODELS),
-        expand(rules.evaluate.output, model=MODELS),
+        expand(rules.evaluate.output, model=EVALUATED),

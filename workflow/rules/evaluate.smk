@@ -22,14 +22,41 @@ rule predict:
         "../scripts/predict.py"
 
 
+rule ensemble:
+    input:
+        scores=lambda w: expand(f"{RESULTS}/scores/{{m}}.parquet", m=ENSEMBLES[w.ensemble]),
+        summaries=lambda w: expand(
+            f"{RESULTS}/models/{{m}}/train_summary.json", m=ENSEMBLES[w.ensemble]
+        ),
+    output:
+        scores=f"{RESULTS}/scores/{{ensemble}}.parquet",
+        summary=f"{RESULTS}/models/{{ensemble}}/ensemble.json",
+    params:
+        spec=lambda w: config["ensembles"][w.ensemble],
+    wildcard_constraints:
+        ensemble="|".join(ENSEMBLES) or "no_ensembles_configured",
+    log:
+        f"{LOGS}/ensemble/{{ensemble}}.log",
+    benchmark:
+        f"{BENCH}/ensemble/{{ensemble}}.tsv"
+    conda:
+        "../../envs/physis.yaml"
+    script:
+        "../scripts/ensemble.py"
+
+
 rule evaluate:
     input:
         scores=f"{RESULTS}/scores/{{model}}.parquet",
-        detection=f"{RESULTS}/metrics/{{model}}_detection.parquet",
-        summary=f"{RESULTS}/models/{{model}}/train_summary.json",
+        detection=lambda w: (
+            [] if w.model in ENSEMBLES else f"{RESULTS}/metrics/{w.model}_detection.parquet"
+        ),
+        summary=lambda w: SUMMARIES[w.model],
+        data=f"{DATA}/summary.json",
     output:
         predictions=f"{RESULTS}/predictions/{{model}}.parquet",
         metrics=f"{RESULTS}/metrics/{{model}}.parquet",
+        calibrator=f"{RESULTS}/models/{{model}}/calibration.json",
         metrics_html=report(
             f"{RESULTS}/figures/{{model}}/metrics.html",
             caption="../report/metrics.rst",
@@ -65,6 +92,13 @@ rule evaluate:
             subcategory="{model}",
             labels={"model": "{model}", "figure": "calibration"},
         ),
+        decision_curve=report(
+            f"{RESULTS}/figures/{{model}}/decision_curve.png",
+            caption="../report/decision_curve.rst",
+            category="Evaluation",
+            subcategory="{model}",
+            labels={"model": "{model}", "figure": "decision curve"},
+        ),
         confusion=report(
             f"{RESULTS}/figures/{{model}}/confusion.png",
             caption="../report/confusion.rst",
@@ -95,6 +129,10 @@ rule evaluate:
         ),
     params:
         evaluate=config["evaluate"],
+        dataset=config["dataset"],
+        target=config["target"],
+    wildcard_constraints:
+        model="|".join(EVALUATED) or "no_models_configured",
     log:
         f"{LOGS}/evaluate/{{model}}.log",
     benchmark:
