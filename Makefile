@@ -16,7 +16,13 @@ $(BIN)/physis: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-setup: $(BIN)/physis
+# GPU nodes: `make setup GPU=1` also installs the `gpu` extra, tensorflow[and-cuda] at the pinned version
+# (TensorFlow's CUDA and cuDNN libraries as pip wheels, several GB). Without it TensorFlow sees no GPU.
+$(VENV)/.gpu: $(BIN)/physis
+	$(BIN)/pip install --quiet -e '.[test,gpu]'
+	touch $@
+
+setup: $(BIN)/physis $(if $(filter 1,$(GPU)),$(VENV)/.gpu)
 
 demo: setup
 	$(SNAKEMAKE) all

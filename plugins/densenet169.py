@@ -2,7 +2,7 @@
 wrist κ 0.931) — beyond the thesis. Global average pooling and one sigmoid unit, as in MURA.
 """
 
-from physis.keras_models import backbone_weights, binary_head, explain_gradcam, predict_classifier, scaled_input
+from physis.keras_models import binary_head, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -29,7 +29,7 @@ def build(cfg):
     import keras
 
     inputs, x = scaled_input(cfg, "torch")
-    base = keras.applications.DenseNet169(include_top=False, weights=backbone_weights(cfg), input_tensor=x)
+    base = pretrained_backbone(keras.applications.DenseNet169, cfg, input_tensor=x)
     features = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
     return binary_head(inputs, features, "densenet169")
 

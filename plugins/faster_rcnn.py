@@ -5,7 +5,9 @@ score (0 without a box). The thesis reports 71.8% accuracy (Table 5.1, section 7
 ``head: 2fc`` (the classic two-FC box head on 128 sampled RoIs, 2.5-3.6x cheaper on CPU) is the
 default for tests and the demo; ``head: full`` restores the Model Garden's 4 conv + 1 FC head on
 512 RoIs (set ``num_rois: 512`` too). ``backbone``: resnet50 (FPN; fasterrcnn_resnetfpn_coco) or
-spinenet49 (maskrcnn_spinenet_coco, ~40% cheaper at 512x256).
+spinenet49 (maskrcnn_spinenet_coco, ~40% cheaper at 512x256). ``init_checkpoint`` fine-tunes from an
+official.vision checkpoint, e.g. the Model Garden's ResNet-50 ImageNet one for ``backbone: resnet50``
+(README: pretrained checkpoints).
 """
 
 from physis.garden_hooks import detector_hooks
@@ -36,6 +38,10 @@ SPEC = ModelSpec(
         "max_detections": 20,
         "scale_jitter": [0.8, 1.25],  # random rescale range of the training films (Model Garden default)
         "train_boxes": "all",  # all fracture boxes | positive: only those on films labelled 1
+        "init_checkpoint": "none",  # none | checkpoint prefix or folder, local or gs:// (README: pretrained)
+        "init_checkpoint_modules": "backbone",  # backbone | all (as the Model Garden task configs)
+        "frozen_epochs": 0,  # with an init_checkpoint: epochs with the backbone frozen first
+        "finetune_lr_factor": 0.1,  # then everything at learning_rate x this
     },
     resources=Resources(gpus=1, mem_mb=16000, runtime=360, cpus=4),
     reference="Ren et al., Faster R-CNN, NeurIPS 2015; thesis section 7.4, 71.8% accuracy (Table 5.1)",

@@ -3,7 +3,7 @@ got 46.1%; physis's default letterboxes them instead (the fix). Configure a seco
 ``plugin: mobilenetv2`` and ``preset: stretch_224`` to reproduce the thesis's setup.
 """
 
-from physis.keras_models import backbone_weights, binary_head, explain_gradcam, predict_classifier, scaled_input
+from physis.keras_models import binary_head, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -31,8 +31,7 @@ def build(cfg):
     import keras
 
     inputs, x = scaled_input(cfg, "tf")
-    base = keras.applications.MobileNetV2(include_top=False, weights=backbone_weights(cfg), input_tensor=x,
-                                          alpha=float(cfg.params["alpha"]))
+    base = pretrained_backbone(keras.applications.MobileNetV2, cfg, input_tensor=x, alpha=float(cfg.params["alpha"]))
     features = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
     return binary_head(inputs, features, "mobilenetv2")
 

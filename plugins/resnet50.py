@@ -2,7 +2,7 @@
 map, flatten, one sigmoid unit — 23,620,481 parameters at 224×224×3 (thesis Listing 7.10).
 """
 
-from physis.keras_models import backbone_weights, binary_head, explain_gradcam, predict_classifier, scaled_input
+from physis.keras_models import binary_head, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -29,7 +29,7 @@ def build(cfg):
     import keras
 
     inputs, x = scaled_input(cfg, "caffe")
-    base = keras.applications.ResNet50(include_top=False, weights=backbone_weights(cfg), input_tensor=x)
+    base = pretrained_backbone(keras.applications.ResNet50, cfg, input_tensor=x)
     features = keras.layers.AveragePooling2D(pool_size=2, padding="same", name="head_pool")(base.output)
     features = keras.layers.Flatten(name="head_flatten")(features)
     return binary_head(inputs, features, "resnet50")

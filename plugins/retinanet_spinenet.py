@@ -2,6 +2,7 @@
 (official.vision, ``retinanet_spinenet_coco``): the one-stage detector baseline beside Faster R-CNN
 and the thesis's ShapeMask (which is RetinaNet plus mask heads). Trained on the fracture boxes; a
 film's score is its highest fracture-box score (0 without a box). Not in the thesis.
+``init_checkpoint`` fine-tunes from an official.vision checkpoint (README: pretrained checkpoints).
 """
 
 from physis.garden_hooks import detector_hooks
@@ -30,6 +31,10 @@ SPEC = ModelSpec(
         "max_detections": 20,
         "scale_jitter": [0.8, 1.25],
         "train_boxes": "all",  # all fracture boxes | positive: only those on films labelled 1
+        "init_checkpoint": "none",  # none | checkpoint prefix or folder, local or gs:// (README: pretrained)
+        "init_checkpoint_modules": "backbone",  # backbone | all (as the Model Garden task configs)
+        "frozen_epochs": 0,  # with an init_checkpoint: epochs with the backbone frozen first
+        "finetune_lr_factor": 0.1,  # then everything at learning_rate x this
     },
     resources=Resources(gpus=1, mem_mb=16000, runtime=300, cpus=4),
     reference="Lin et al., Focal Loss for Dense Object Detection, ICCV 2017; Du et al., SpineNet, CVPR 2020",

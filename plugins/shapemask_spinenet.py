@@ -9,11 +9,18 @@ score is the best crop's, or the whole film's when stage 1 proposes nothing. Sta
 crops around true fracture boxes and stage-1 proposals (label: the film's label where the crop
 overlaps a fracture box, else 0) and on whole films. The two tf_keras models stay separate, joined
 by ``crop_and_resize``; the legacy SpineNet's input bugs are fixed per instance in physis.garden.
+``init_checkpoint`` fine-tunes stage 1 from a checkpoint the legacy detection package reads (README:
+pretrained checkpoints); stage 2 trains from scratch.
 """
 
-import numpy as np
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from physis.plugins import Explanation, ModelSpec, Resources
+
+if TYPE_CHECKING:  # Snakemake reads SPEC while parsing: heavy imports stay inside the hooks
+    import numpy as np
 
 SPEC = ModelSpec(
     kind="two_stage",
@@ -44,6 +51,10 @@ SPEC = ModelSpec(
         "crop_min_size": 32,  # ... but at least this many preprocessed pixels
         "positive_iou": 0.3,  # a crop counts as showing the film's fracture from this IoU on
         "dropout": 0.2,
+        "init_checkpoint": "none",  # stage 1 (ShapeMask): none | checkpoint prefix or folder (README)
+        "init_checkpoint_modules": "backbone",  # backbone | all: of stage 1 (ShapeMask)
+        "frozen_epochs": 0,  # with an init_checkpoint: epochs with the backbone frozen first
+        "finetune_lr_factor": 0.1,  # then everything at learning_rate x this
     },
     resources=Resources(gpus=1, mem_mb=16000, runtime=480, cpus=4),
     reference=("Kuo et al., ShapeMask, ICCV 2019 + Du et al., SpineNet, CVPR 2020; thesis sections 7.7-7.8, "

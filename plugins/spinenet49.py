@@ -1,12 +1,12 @@
 """SpineNet-49 (Du et al., CVPR 2020) classifier from the TF Model Garden (official.vision): the
 scale-permuted backbone with a classification head and one sigmoid fracture score. The thesis's
 best single Model Garden model (73.3% accuracy, Table 5.1; Listing 7.11). Rectangular inputs work.
-Trained from random initialisation (no ImageNet weights are reachable offline).
+Random initialisation by default; ``init_checkpoint`` fine-tunes from an official.vision checkpoint
+(the SpineNet frozen for ``frozen_epochs`` first; README: pretrained checkpoints).
 """
 
 from physis.keras_models import explain_gradcam, predict_classifier
 from physis.plugins import ModelSpec, Resources
-from physis.train import fit_classifier
 
 SPEC = ModelSpec(
     kind="classifier",
@@ -20,6 +20,10 @@ SPEC = ModelSpec(
         "patience": 3,
         "dropout": 0.2,
         "norm_momentum": 0.9,  # Model Garden: 0.99; 0.9 settles the batch-norm statistics in short runs
+        "init_checkpoint": "none",  # none | checkpoint prefix or folder, local or gs:// (README: pretrained)
+        "init_checkpoint_modules": "backbone",  # backbone | all (as the Model Garden task configs)
+        "frozen_epochs": 0,  # with an init_checkpoint: epochs with the backbone frozen first
+        "finetune_lr_factor": 0.1,  # then everything at learning_rate x this
     },
     resources=Resources(gpus=1, mem_mb=12000, runtime=180, cpus=4),
     reference="Du et al., SpineNet, CVPR 2020; thesis section 7.7, Listing 7.11, 73.3% accuracy (Table 5.1)",
@@ -33,6 +37,11 @@ def build(cfg):
     return garden.spinenet_classifier(cfg.input_shape, cfg.params["dropout"], cfg.params["norm_momentum"])
 
 
-train = fit_classifier
+def train(model, data, cfg, callbacks):
+    from physis import garden
+
+    garden.train_classifier(model, data, cfg, callbacks)
+
+
 predict = predict_classifier
 explain = explain_gradcam

@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "cluster"
 FIXTURE = CLUSTER / "fixture" / "Snakefile"
+GPU_CHECK = CLUSTER / "fixture" / "gpu_check.smk"
 TINY = ROOT / "tests" / "config" / "tiny.yaml"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 # Poll SLURM 2 s after each submission instead of the profile's 20: same code path, shorter test.
@@ -58,11 +59,21 @@ class SlurmJob:
     tres_per_job: str  # gres:gpu:1 for --gpus=1, N/A without
     state: str
     time_limit: str
+    time_used: str  # [days-][hours:]minutes:seconds
+
+
+def seconds(elapsed: str) -> int:
+    """SLURM's [days-][hours:]minutes:seconds in seconds."""
+    days, _, clock = elapsed.rpartition("-")
+    total = 0
+    for part in clock.split(":"):
+        total = total * 60 + int(part)
+    return total + int(days or 0) * 86400
 
 
 def slurm_jobs(run_id: str) -> list[SlurmJob]:
     """This run's jobs, finished ones included (MinJobAge keeps them 10 min)."""
-    fields = ("JobID", "Name", "Comment", "tres-per-job", "State", "TimeLimit")
+    fields = ("JobID", "Name", "Comment", "tres-per-job", "State", "TimeLimit", "TimeUsed")
     out = subprocess.run(
         ["squeue", "--states=all", "--noheader", "-O", ",".join(f"{f}:|" for f in fields)],
         capture_output=True, text=True, timeout=30, check=True,
@@ -71,10 +82,11 @@ def slurm_jobs(run_id: str) -> list[SlurmJob]:
     return sorted((j for j in jobs if j.run == run_id), key=lambda j: int(j.id))
 
 
-def snakemake(args: list, *, limit: int, profile: str = "slurm-gpu") -> tuple[str, float]:
+def snakemake(args: list, *, limit: int, profile: str = "slurm-gpu", fails: bool = False) -> tuple[str, float]:
     """Run Snakemake from the repository root (where the README runs it) under a hard timeout.
 
-    Returns the output and the wall time; fails the test on any error, with the output and the queue.
+    Returns the output and the wall time; fails the test on any error (or, with ``fails``, when Snakemake
+    succeeds), with the output and the queue.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SBATCH_", "PHYSIS_SLURM_", "SNAKEMAKE_PROFILE"))}
     command = ["timeout", "-k", "10", str(limit), SNAKEMAKE, "--profile", profile, *args]
@@ -82,7 +94,9 @@ def snakemake(args: list, *, limit: int, profile: str = "slurm-gpu") -> tuple[st
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit + 30)
     wall = time.monotonic() - start
     output = result.stdout + result.stderr
-    if result.returncode != 0:
+    if fails and result.returncode == 0:
+        pytest.fail(f"snakemake --profile {profile} succeeded, but a job should have failed:\n{output[-6000:]}")
+    if result.returncode != 0 and not (fails and result.returncode == 1):
         queue = subprocess.run(["squeue", "--states=all", "-l"], capture_output=True, text=True, timeout=30).stdout
         if result.returncode in (124, 137):
             subprocess.run(["scancel", "--full", *re.findall(r"SLURM jobid (\d+)", output)], timeout=30)
@@ -116,6 +130,32 @@ def test_gpu_only_for_train_jobs(slurm_cluster, tmp_path):
     assert logged(log, "SLURM_JOB_ID") == train_id
     # The profile keeps successful jobs' SLURM logs: the proof stays on disk.
     assert (tmp_path / ".snakemake" / "slurm_logs" / "rule_train" / "a" / f"{train_id}.log").exists()
+
+
+def test_gpu_check_in_a_slurm_job_granted_a_gpu(slurm_cluster, tmp_path):
+    """SLURM grants each stand-in train job the node's (fake) GPU, which TensorFlow cannot see: with
+    train.require_gpu auto the job fails at once, naming CUDA_VISIBLE_DEVICES, the job id, the TensorFlow
+    build and the fix; with false it warns and carries on. Nothing is trained (physis's check only)."""
+    output, _ = snakemake(["--snakefile", GPU_CHECK, "--directory", tmp_path, *FAST_POLL, "--retries", "0"],
+                          limit=300, fails=True)
+    jobs = {job.comment.removeprefix("rule_gpu_check_wildcards_"): job for job in slurm_jobs(run_id(output))}
+    assert set(jobs) == {"auto", "false"}, jobs
+    assert all(job.tres_per_job == "gres:gpu:1" for job in jobs.values()), jobs
+    assert [jobs["auto"].state, jobs["false"].state] == ["FAILED", "COMPLETED"], jobs
+    assert seconds(jobs["auto"].time_used) < 60, f"the check must fail at once, not after {jobs['auto'].time_used}"
+
+    failed = (tmp_path / "logs" / "gpu_check" / "auto.log").read_text()
+    for part in ("GPUUnavailableError", "granted 1 GPU(s) by SLURM", f"job {jobs['auto'].id}",
+                 "CUDA_VISIBLE_DEVICES=0", "TensorFlow 2.20", "make setup GPU=1", "require_gpu: false"):
+        assert part in failed, (part, failed)
+    assert not (tmp_path / "gpu_check" / "auto.json").exists()
+
+    warned = (tmp_path / "logs" / "gpu_check" / "false.log").read_text()
+    assert re.search(r"WARNING physis\.devices: .*granted 1 GPU\(s\) by SLURM.*require_gpu is false: training on "
+                     r"the CPU", warned), warned
+    record = json.loads((tmp_path / "gpu_check" / "false.json").read_text())
+    assert (record["type"], record["gpus_granted"], record["gpus_visible"]) == ("CPU", 1, 0)
+    assert record["slurm_job_id"] == jobs["false"].id and record["cuda_visible_devices"] == "0"
 
 
 def test_train_killed_at_time_limit_resumes_from_checkpoint(slurm_cluster, tmp_path):
@@ -188,6 +228,12 @@ def test_tiny_workflow_through_slurm_matches_local_run(slurm_cluster, tmp_path):
         assert logged(log, "SLURM_JOB_ID") == job.id
         cuda = logged(log, "CUDA_VISIBLE_DEVICES")
         assert cuda == "0" if model in gpu_trained else cuda in (None, "", "None"), (model, cuda)
+        # The fake GPU is invisible to TensorFlow: tiny.yaml's train.require_gpu: false turns the failure into
+        # a warning, and the summary records the CPU the job trained on.
+        warned = "require_gpu is false: training on the CPU" in log.read_text()
+        assert warned == (model in gpu_trained), (model, log.read_text()[-3000:])
+        device = json.loads((results / "models" / model / "train_summary.json").read_text())["device"]
+        assert device["type"] == "CPU" and device["slurm_job_id"] == job.id, device
     assert all(job.tres_per_job == "N/A" for job in jobs if not job.comment.startswith("rule_train_")), jobs
 
     local, slurm = result_files(runs["local"][0]), result_files(results)

@@ -56,11 +56,25 @@ def pins_from_pyproject():
     return dict(re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", dep).groups() for dep in project["dependencies"])
 
 
-def test_conda_env_names_the_same_versions_as_pyproject():
-    env = yaml.safe_load((ROOT / "envs" / "physis.yaml").read_text())
+def conda_pins(name: str) -> dict[str, str]:
+    """The pip section of envs/<name> as {requirement (with its extras): version}."""
+    env = yaml.safe_load((ROOT / "envs" / name).read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
-    conda_pins = dict(re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", dep).groups() for dep in pip_section)
-    assert conda_pins == pins_from_pyproject()
+    return dict(re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)", dep).groups() for dep in pip_section)
+
+
+def test_conda_env_names_the_same_versions_as_pyproject():
+    assert conda_pins("physis.yaml") == pins_from_pyproject()
+
+
+def test_gpu_extra_and_gpu_env_pin_the_same_tensorflow():
+    """`make setup GPU=1` and envs/physis-gpu.yaml add TensorFlow's CUDA libraries to the same versions."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    with_cuda = f"tensorflow[and-cuda]=={pins_from_pyproject()['tensorflow']}"
+    assert extras["gpu"] == [with_cuda]
+    pins = pins_from_pyproject()
+    pins["tensorflow[and-cuda]"] = pins.pop("tensorflow")
+    assert conda_pins("physis-gpu.yaml") == pins
 
 
 def test_every_dependency_is_pinned_and_tensorflow_cpu_is_absent():

@@ -3,6 +3,8 @@ test code: the contract, a tiny CPU build + one training epoch through its own `
 ``predict``, and the built network's real input/output shapes against its declared metadata.
 """
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -197,3 +199,42 @@ def test_a_dropped_in_plugin_file_is_picked_up_by_the_workflow(tmp_path):
          "--config", f"results={tmp_path / 'results'}", "--forcerun", "all"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "models/tiny_net/train_summary.json" in listing.stdout + listing.stderr
+
+
+COUNTED = """
+    from physis.plugins import ModelSpec
+    SPEC = ModelSpec(kind="classifier", framework="keras", preset="tiny_8x8", reference="test", params={"units": 1})
+    def build(cfg):
+        import keras
+        inputs = keras.Input(cfg.input_shape)
+        return keras.Model(inputs, keras.layers.Dense(cfg.params["units"])(keras.layers.Flatten()(inputs)))
+    def train(model, data, cfg, callbacks): pass
+    def predict(model, data, cfg): return [0.5] * len(data.frame)
+"""
+
+
+def test_physis_plugins_is_fast_by_default_and_counts_parameters_with_params(tmp_path):
+    """The listing builds nothing (no TensorFlow import) and shows the counts cached by the last
+    ``--params``, which builds each network; a changed plugin file is counted anew."""
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    plugin_file = write_plugin(folder, "counted", COUNTED)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"plugin_dirs: [{folder}]\npreprocess:\n  presets:\n    tiny_8x8: {{height: 8, width: 8}}\n")
+    code = ("import json, sys; from physis.cli import main; main(sys.argv[1:]); "
+            "print(json.dumps(sorted({'tensorflow', 'keras', 'tf_keras'} & set(sys.modules))))")
+
+    def listing(*flags) -> tuple[int | None, list[str]]:
+        result = subprocess.run([sys.executable, "-c", code, "plugins", "--json", "--config", str(config), *flags],
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows, _, loaded = result.stdout.strip().rpartition("\n")
+        counted = next(row for row in json.loads(rows) if row["name"] == "counted")
+        return counted["params"], json.loads(loaded)
+
+    assert listing() == (None, [])
+    assert listing("--params")[0] == 8 * 8 + 1  # Flatten(8x8x1) -> Dense(1): 64 weights and a bias
+    assert listing() == (65, [])
+    plugin_file.write_text(plugin_file.read_text().replace('"units": 1', '"units": 2'))
+    assert listing() == (None, [])

@@ -89,6 +89,8 @@ def test_same_seed_gives_identical_predictions(prepared, tmp_path):
     assert {"loss", "val_loss", "auroc", "val_auroc", "accuracy", "val_accuracy"} <= set(history.columns)
     summary = json.loads((folder / "train_summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["params"] > 0
+    device = summary["device"]  # what trained it: this machine's CPU, one thread, no mixed precision
+    assert (device["type"], device["count"], device["mixed_precision"], device["gpus_visible"]) == ("CPU", 1, False, 0)
     assert json.loads((folder / "recipe.json").read_text())["preset"] == "tiny"
 
 

@@ -7,10 +7,14 @@ Facts these helpers rely on (measured in ``docs/model-garden.md``):
 - Every Model Garden model is tf_keras (Keras 2); ``official.vision`` builds the SpineNet-49
   classifier, Faster R-CNN (Mask R-CNN with masks off) and RetinaNet; ShapeMask exists only in
   ``official.legacy.detection``.
-- The shipped configs target TPUs and COCO: bfloat16, sync batch norm, an unreachable ``gs://``
-  ImageNet checkpoint, 640² or 1024² inputs, 91 classes. :func:`vision_detector_config` and
-  :func:`shapemask_params` switch them to float32, plain batch norm, random initialisation, the
-  preset's size and two classes (background, fracture).
+- The shipped configs target TPUs and COCO: bfloat16, sync batch norm, a ``gs://`` ImageNet
+  checkpoint, 640² or 1024² inputs, 91 classes. :func:`vision_detector_config` and
+  :func:`shapemask_params` switch them to float32, plain batch norm, the preset's size and two
+  classes (background, fracture). Initialisation is random unless ``params.init_checkpoint`` names a
+  checkpoint: :mod:`physis.checkpoints` loads it strictly (object-based, as the official.vision
+  tasks' ``initialize()``; ShapeMask also name-based, through the legacy package's loader), when a
+  job starts from scratch only; ``frozen_epochs`` then train with the backbone frozen, the rest at
+  ``learning_rate * finetune_lr_factor`` (:class:`DetectorLoop`, :func:`train_classifier`).
 - The legacy SpineNet hard-codes a 640×640 input and passes the height where the width belongs;
   :func:`_fixed_spinenet_builder` builds it for the real (rectangular) input instead, per model
   instance, without touching the installed package. The legacy factory also ignores the configured
@@ -35,6 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -43,6 +48,7 @@ import pandas as pd
 import tensorflow as tf
 import tf_keras
 
+from physis import checkpoints
 from physis.detection import FRACTURE
 from physis.pipeline import film_images
 
@@ -217,6 +223,31 @@ def spinenet_classifier(input_shape: tuple[int, int, int], dropout: float = 0.0,
     return tf_keras.Model(inputs, probability, name="spinenet49_classifier")
 
 
+def classification_model(model: tf_keras.Model):
+    """The official.vision ClassificationModel inside a :func:`spinenet_classifier` model (the
+    object Model Garden classification checkpoints hold as ``model``; its ``backbone`` as ``backbone``)."""
+    return next(layer for layer in model.layers if hasattr(layer, "checkpoint_items"))
+
+
+def restore_classifier(model: tf_keras.Model, path: str, modules: str) -> None:
+    """Initialise a :func:`spinenet_classifier` model from an official.vision checkpoint, as
+    ``ImageClassificationTask.initialize`` reads it (``backbone``: the SpineNet only)."""
+    inner = classification_model(model)
+    checkpoints.restore(path, modules, inner, inner.backbone,
+                        f"the SpineNet-49 classifier (init_checkpoint_modules: {modules})")
+
+
+def train_classifier(model: tf_keras.Model, data, cfg, callbacks_: list) -> None:
+    """:func:`physis.train.fit_classifier` for a :func:`spinenet_classifier` model: the initial
+    checkpoint (if any) loaded when the job starts from scratch, the SpineNet frozen first."""
+    from physis.train import fit_classifier
+
+    request = checkpoints.requested(cfg.params)
+    initialize = None if request is None else functools.partial(restore_classifier, model, *request)
+    fit_classifier(model, data, cfg, callbacks_, backbone=[classification_model(model).backbone],
+                   initialize=initialize)
+
+
 def classify(model: tf_keras.Model, images: tf.Tensor, batch_size: int = 32) -> np.ndarray:
     """Fracture probabilities of a stack of images (any count, fixed-size batches)."""
     images = tf.convert_to_tensor(images)
@@ -242,7 +273,7 @@ def vision_detector_config(family: str, input_shape: tuple[int, int, int], param
     config = exp_factory.get_exp_config(VISION_EXPERIMENTS[key])
     config.runtime.mixed_precision_dtype = "float32"  # the configs default to bfloat16 (TPU)
     task = config.task
-    task.init_checkpoint = ""  # the default gs:// ImageNet checkpoint is unreachable here
+    task.init_checkpoint = ""  # physis loads params.init_checkpoint itself (on a fresh start only)
     model = task.model
     height, width, channels = input_shape
     model.num_classes = NUM_CLASSES
@@ -282,6 +313,20 @@ class VisionDetector:
         self.task = task_factory.get_task(self.config.task)
         self.model = model if model is not None else self.task.build_model()
         self.padded_hw = tuple(self.config.task.model.input_size[:2])
+
+    @property
+    def backbone(self) -> tf_keras.Model:
+        return self.model.backbone
+
+    def ensure_built(self) -> None:
+        """Create every variable (the heads are built on their first call): one detection pass."""
+        self._detect(tf.zeros([1, *self.input_hw, 3]))
+
+    def restore_initial(self, path: str, modules: str) -> None:
+        """Load an official.vision checkpoint as the task's ``initialize()`` reads it."""
+        self.ensure_built()
+        checkpoints.restore(path, modules, self.model, self.model.backbone,
+                            f"{self.family} (init_checkpoint_modules: {modules})")
 
     def dataset(self, records: Path, batch_size: int, seed: int) -> tf.data.Dataset:
         """Infinite, shuffled, augmented training batches from :func:`write_records` output."""
@@ -416,6 +461,28 @@ class ShapeMaskDetector:
         self._eval_fn, self._eval_model = build(mode_keys.PREDICT)
         self.scale = min(self.input_hw[0] / self.source_hw[0], self.input_hw[1] / self.source_hw[1])
 
+    @property
+    def backbone(self) -> tf_keras.Model:
+        """The train model's SpineNet (a nested model; layer names vary with what the process built before)."""
+        from official.legacy.detection.modeling.architecture import spinenet
+
+        return next(layer for layer in self.model.layers if isinstance(layer, spinenet.SpineNet))
+
+    def ensure_built(self) -> None:
+        """Nothing to do: the legacy models are functional, built with all their variables."""
+
+    def restore_initial(self, path: str, modules: str) -> None:
+        """Load a checkpoint the way the legacy detection package does (``all``: the train model;
+        ``backbone``: its SpineNet), then refresh the eval twin: an object-based one as its executor
+        restores its own (``model`` at the top, as physis's loop checkpoints too), a name-based (TF1)
+        one with its ``checkpoint_utils`` initialiser."""
+        label = f"ShapeMask (init_checkpoint_modules: {modules})"
+        if checkpoints.object_based(path):
+            checkpoints.restore(path, modules, self.model, self.backbone, label)
+        else:
+            checkpoints.restore_by_name(self.model if modules == "all" else self.backbone, path, label)
+        self.sync()
+
     def dataset(self, records: Path, batch_size: int, seed: int) -> tf.data.Dataset:
         from official.legacy.detection.dataloader import input_reader, mode_keys
 
@@ -474,9 +541,20 @@ class ShapeMaskDetector:
 # --------------------------------------------------------------------------- training loops
 
 
-def run_steps(step: Callable, iterator, steps: int) -> float:
-    """Run ``steps`` training steps; the mean loss."""
-    losses = [float(step(next(iterator))) for _ in range(int(steps))]
+#: A progress line (running mean loss, seconds per step) every this many training steps; the
+#: epoch's line with its validation metrics follows from :func:`physis.train.run_epochs`.
+LOG_EVERY_STEPS = 10
+
+
+def run_steps(step: Callable, iterator, steps: int, every: int = LOG_EVERY_STEPS) -> float:
+    """Run ``steps`` training steps, with a progress line every ``every`` steps and after the last; the mean loss."""
+    losses: list[float] = []
+    start = time.monotonic()
+    for done in range(1, int(steps) + 1):
+        losses.append(float(step(next(iterator))))
+        if done % every == 0 or done == int(steps):
+            log.info("step %d/%d: loss=%.4f (%.2f s/step)", done, steps, float(np.mean(losses)),
+                     (time.monotonic() - start) / done)
     if not all(math.isfinite(v) for v in losses):
         raise FloatingPointError(f"non-finite training loss: {losses}")
     return float(np.mean(losses))
@@ -520,26 +598,53 @@ class DetectorLoop:
     """``train_epoch`` / ``evaluate`` closures of one detector for :func:`physis.train.run_epochs`.
 
     Training batches come from the train films' records (all films, boxes per ``train_boxes``);
-    ``evaluate`` scores the validation films by their highest box score.
+    ``evaluate`` scores the validation films by their highest box score. With ``frozen_epochs``
+    (fine-tuning from an initial checkpoint) epochs before that number train with the backbone
+    frozen (its batch norm in inference mode) at ``learning_rate``, later ones everything at
+    ``learning_rate * finetune_lr_factor``; the phase follows from the epoch number, so a resumed
+    job picks up the right one.
     """
 
     def __init__(self, detector, data, work_dir: Path, *, batch_size: int, steps: int, learning_rate: float,
-                 optimizer_name: str, clip_norm: float, train_boxes: str, seed: int):
+                 optimizer_name: str, clip_norm: float, train_boxes: str, seed: int, frozen_epochs: int = 0,
+                 finetune_lr_factor: float = 0.1):
         train = data.frames["train"]
         records = write_records(train, fracture_boxes(train, data.boxes, train_boxes),
                                 Path(work_dir) / "records" / "train.tfrecord")
         self.detector = detector
         self.iterator = iterate(detector.dataset(records, batch_size, seed))
+        self.learning_rate = float(learning_rate)
         self.optimizer = optimizer(optimizer_name, learning_rate, clip_norm)
-        self.step = detector.train_step(self.optimizer)
+        self.frozen_epochs, self.finetune_lr_factor = int(frozen_epochs), float(finetune_lr_factor)
+        if self.frozen_epochs:
+            # one optimizer for both phases, built on every variable: unfreezing finds the backbone's slots
+            detector.ensure_built()
+            self.optimizer.build(detector.model.trainable_variables)
+        self.frozen: bool | None = None  # the phase the current ``step`` was traced for
+        self.step = None
         self.steps = int(steps)
         self.val = data.frames.get("val")
+
+    def enter_phase(self, epoch: int) -> None:
+        """Freeze or unfreeze the backbone and set the learning rate for ``epoch``; retrace the step
+        when the trainable variables change."""
+        frozen = epoch < self.frozen_epochs
+        if frozen is self.frozen:
+            return
+        self.detector.backbone.trainable = not frozen
+        finetuning = self.frozen_epochs and not frozen
+        self.optimizer.learning_rate = self.learning_rate * (self.finetune_lr_factor if finetuning else 1.0)
+        self.step = self.detector.train_step(self.optimizer)
+        self.frozen = frozen
+        if self.frozen_epochs:
+            log.info("epoch %d: %s", epoch + 1, "backbone frozen" if frozen else "fine-tuning everything")
 
     @property
     def trackables(self) -> dict:
         return {"model": self.detector.model, "optimizer": self.optimizer}
 
     def train_epoch(self, epoch: int) -> dict:
+        self.enter_phase(epoch)
         return {"loss": run_steps(self.step, self.iterator, self.steps)}
 
     def evaluate(self) -> dict:
@@ -807,17 +912,31 @@ def build_detector(family: str, cfg) -> tf_keras.Model:
     return _detector(family, None, cfg).model
 
 
+def fine_tuning(detector, params: dict) -> tuple[dict, Callable[[], None] | None]:
+    """The schedule of a detector given its plugin parameters: :class:`DetectorLoop`'s
+    ``frozen_epochs`` / ``finetune_lr_factor`` (no freezing without an initial checkpoint) and the
+    ``initialize`` of :func:`physis.train.run_epochs` (None without one)."""
+    request = checkpoints.requested(params)
+    if request is None:
+        return {}, None
+    schedule = {"frozen_epochs": int(params["frozen_epochs"]),
+                "finetune_lr_factor": float(params["finetune_lr_factor"])}
+    return schedule, functools.partial(detector.restore_initial, *request)
+
+
 def train_detector(family: str, model, data, cfg) -> None:
     """Resumable epochs of the task's train steps (:func:`physis.train.run_epochs`), early-stopped
-    on the validation AUROC of the image scores."""
+    on the validation AUROC of the image scores; fine-tuned from ``init_checkpoint`` if one is set."""
     from physis.train import run_epochs
 
     p = cfg.params
-    loop = DetectorLoop(_detector(family, model, cfg), data, cfg.work_dir, batch_size=p["batch_size"],
-                        steps=p["steps_per_epoch"], learning_rate=p["learning_rate"], optimizer_name=p["optimizer"],
-                        clip_norm=p["clip_norm"], train_boxes=p["train_boxes"], seed=cfg.seed)
+    detector = _detector(family, model, cfg)
+    schedule, initialize = fine_tuning(detector, p)
+    loop = DetectorLoop(detector, data, cfg.work_dir, batch_size=p["batch_size"], steps=p["steps_per_epoch"],
+                        learning_rate=p["learning_rate"], optimizer_name=p["optimizer"], clip_norm=p["clip_norm"],
+                        train_boxes=p["train_boxes"], seed=cfg.seed, **schedule)
     run_epochs(cfg, trackables=loop.trackables, train_epoch=loop.train_epoch, evaluate=loop.evaluate,
-               epochs=int(p["epochs"]), patience=int(p["patience"]))
+               epochs=int(p["epochs"]), patience=int(p["patience"]), initialize=initialize)
 
 
 def detector_boxes(family: str, model, data, cfg) -> list[np.ndarray]:
@@ -836,18 +955,20 @@ def explain_detector(family: str, model, image, cfg):
 
 
 def train_two_stage(model: TwoStage, data, cfg) -> None:
-    """Stage 1 (ShapeMask) to completion in ``work_dir/stage1``, then stage 2 (crop classifier);
-    both resumable and early-stopped (stage 1 on its own image-score AUROC)."""
+    """Stage 1 (ShapeMask, fine-tuned from ``init_checkpoint`` if one is set) to completion in
+    ``work_dir/stage1``, then stage 2 (crop classifier, from scratch); both resumable and
+    early-stopped (stage 1 on its own image-score AUROC)."""
     from physis.train import run_epochs
 
     p = cfg.params
     epochs, patience, steps = int(p["epochs"]), int(p["patience"]), int(p["steps_per_epoch"])
     stage1_cfg = _stage_cfg(cfg, "stage1")
+    schedule, initialize = fine_tuning(model.detector, p)
     stage1 = DetectorLoop(model.detector, data, stage1_cfg.work_dir, batch_size=p["stage1_batch_size"], steps=steps,
                           learning_rate=p["learning_rate"], optimizer_name=p["optimizer"], clip_norm=p["clip_norm"],
-                          train_boxes=p["train_boxes"], seed=cfg.seed)
+                          train_boxes=p["train_boxes"], seed=cfg.seed, **schedule)
     run_epochs(stage1_cfg, trackables=stage1.trackables, train_epoch=stage1.train_epoch, evaluate=stage1.evaluate,
-               epochs=epochs, patience=patience)
+               epochs=epochs, patience=patience, initialize=initialize)
     stage2 = CropLoop(model, data, batch_size=p["batch_size"], steps=steps, learning_rate=p["learning_rate"],
                       clip_norm=p["clip_norm"], seed=cfg.seed)
     run_epochs(cfg, trackables=stage2.trackables, train_epoch=stage2.train_epoch, evaluate=stage2.evaluate,

@@ -8,9 +8,12 @@ classification head; everything else is the backbone (frozen in the first fine-t
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from physis.plugins import Explanation, ModelConfig, PluginError
+
+if TYPE_CHECKING:  # plugin files import this module while Snakemake parses: NumPy only where used
+    import numpy as np
 
 # Per-channel (scale, offset) that maps [0, 1] to each family's ImageNet input convention.
 _IMAGENET_SCALING = {
@@ -28,6 +31,49 @@ def backbone_weights(cfg: ModelConfig):
     if weights != "imagenet" and cfg.input_shape[-1] != 3:
         raise PluginError(f"model {cfg.name!r}: pretrained weights need 3 input channels")
     return weights
+
+
+def pretrained_backbone(application, cfg: ModelConfig, **kwargs):
+    """``application(include_top=False, …)`` (a keras.applications constructor) with the ``weights``
+    parameter applied: none, imagenet (keras.applications downloads them) or a local weights file of
+    the backbone (what the download would be, or a ``save_weights`` of the same backbone), loaded by
+    :func:`load_weights_file`."""
+    weights = backbone_weights(cfg)
+    if weights in (None, "imagenet"):
+        return application(include_top=False, weights=weights, **kwargs)
+    base = application(include_top=False, weights=None, **kwargs)
+    load_weights_file(base, weights, f"model {cfg.name!r}")
+    return base
+
+
+def load_weights_file(model, path, label: str) -> None:
+    """``model.load_weights(path)``, failing with a :class:`PluginError` that names the file and the
+    first layers that do not fit (Keras's own message carries whole weight arrays)."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise PluginError(f"{label}: weights file {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # one per weightless container of a .weights.h5 file
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            model.load_weights(str(path))
+    except (ValueError, KeyError, OSError) as error:
+        message = str(error)
+        layers = list(dict.fromkeys(re.findall(r"<\w+ name=([^,>]+)", message)))
+        shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", message)
+        counts = re.search(r"expected (\d+) variables, but received (\d+)", message)
+        total = re.match(r"A total of (\d+) objects could not be loaded", message)
+        detail = [f"{total.group(1)} layers do not fit" if total else message.splitlines()[0][:300]]
+        if layers:
+            detail.append("first: " + ", ".join(layers[:5]))
+        first = layers[0] if layers else "a layer"
+        if shapes:
+            detail.append(f"{first}: model {shapes.group(1)}, file {shapes.group(2)}")
+        elif counts:
+            detail.append(f"{first}: {counts.group(1)} variables in the model, {counts.group(2)} in the file")
+        raise PluginError(f"{label}: weights file {path} does not fit {model.name}: {'; '.join(detail)}") from None
 
 
 def scaled_input(cfg: ModelConfig, style: str | None):
@@ -52,6 +98,8 @@ def binary_head(inputs, features, name: str, outputs: int = 1):
 
 def predict_classifier(model, data, cfg: ModelConfig) -> np.ndarray:
     """Fracture probability per image: the model's single sigmoid output."""
+    import numpy as np
+
     return np.asarray(model.predict(data.images, verbose=0))[:, 0]
 
 

@@ -3,13 +3,18 @@
 :func:`train_model` resolves a configured model (plugin + preset + hyper-parameters), builds
 its data, and runs the plugin's ``train`` hook with checkpoints every epoch (a killed or
 timed-out job resumes where it stopped), early stopping on validation AUROC with the best
-weights kept, class weights or balanced sampling, seeding, multi-GPU and mixed precision.
+weights kept, class weights or balanced sampling, seeding, multi-GPU and mixed precision, and
+a job granted a GPU that TensorFlow cannot see fails at once (:mod:`physis.devices`).
 It writes ``results/models/{model}/``: the saved model, ``recipe.json`` (how inputs were
 prepared), ``params.json``, ``history.parquet``, TensorBoard logs and ``train_summary.json``
-(written last: its presence means the model is complete).
+(written last: its presence means the model is complete; its ``device`` records what trained it).
 
 Keras plugins call :func:`fit_classifier` from their ``train`` hook; plugins with a custom
 loop (Model Garden detectors) call :func:`run_epochs`.
+
+Plugin files import this module while Snakemake parses the workflow, so at module level it imports
+the standard library and physis's light modules only; NumPy, pandas and TensorFlow are imported
+where they are used.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-
+from physis import devices
 from physis import plugins as registry
 from physis.io import write_json, write_parquet
 from physis.plugins import ModelConfig, Plugin, TrainData
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ def distribution(framework: str, kind: str = "classifier"):
     """
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = devices.visible_gpus()
     log.info("visible GPUs: %d (CUDA_VISIBLE_DEVICES=%s)", len(gpus), os.environ.get("CUDA_VISIBLE_DEVICES"))
     if gpus and framework == "keras":
         import keras
@@ -106,6 +113,8 @@ def distribution(framework: str, kind: str = "classifier"):
 
 def load_frames(manifest: pd.DataFrame, preset_dir: Path) -> dict[str, pd.DataFrame]:
     """Manifest rows joined with the preset's index (preprocessed path), per split."""
+    import pandas as pd
+
     index = pd.read_parquet(preset_dir / "index.parquet")[["image_id", "path"]]
     joined = manifest.drop(columns=["path"]).merge(index, on="image_id", how="inner")
     return {split: part.reset_index(drop=True) for split, part in joined.groupby("split")}
@@ -118,6 +127,8 @@ TRAIN_SPLITS = ("train", "val")
 def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train_cfg: dict,
                augment: dict | None) -> TrainData:
     """What the plugin's ``train`` hook gets: train and validation films, datasets and boxes only."""
+    import pandas as pd
+
     from physis import pipeline
 
     frames = load_frames(manifest[manifest["split"].isin(TRAIN_SPLITS)], preset_dir)
@@ -138,6 +149,8 @@ def train_data(cfg: ModelConfig, manifest: pd.DataFrame, preset_dir: Path, train
 
 
 def _best_so_far(history_path: Path) -> float | None:
+    import pandas as pd
+
     if not history_path.is_file():
         return None
     history = pd.read_parquet(history_path)
@@ -146,6 +159,8 @@ def _best_so_far(history_path: Path) -> float | None:
 
 def append_history(path: Path, epoch: int, logs: dict[str, float]) -> None:
     """Add one epoch to ``history.parquet``, replacing a row of the same epoch (after a resume)."""
+    import pandas as pd
+
     row = {"epoch": epoch, **{key: float(value) for key, value in logs.items()}}
     history = pd.read_parquet(path) if path.is_file() else pd.DataFrame()
     if len(history):
@@ -194,13 +209,28 @@ def restore_best(model, framework: str, work_dir: Path) -> bool:
 # --------------------------------------------------------------------------- helpers for plugins
 
 
-def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
+def pretrained(params: dict) -> bool:
+    """Whether a model starts from pretrained weights: Keras ``weights`` or a Model Garden ``init_checkpoint``."""
+    return any(params.get(key, "none") not in (None, "", "none") for key in ("weights", "init_checkpoint"))
+
+
+def has_progress(work_dir: Path) -> bool:
+    """Whether an earlier attempt of this job left checkpoints (a resumed job keeps its progress)."""
+    folder = Path(work_dir) / "checkpoints"
+    return folder.is_dir() and any(path.is_file() for path in folder.rglob("*"))
+
+
+def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list, *, backbone: list | None = None,
+                   initialize: Callable[[], None] | None = None) -> None:
     """Compile and fit a binary classifier (weighted BCE, AUROC/accuracy metrics).
 
-    Usable directly as a plugin's ``train`` hook. With pretrained ``weights`` it follows the
-    thesis's two phases: ``frozen_epochs`` with the backbone frozen (every layer not named
-    ``head_*``), then fine-tuning at ``learning_rate * finetune_lr_factor``. Works for Keras 3
-    and tf_keras models alike.
+    Usable directly as a plugin's ``train`` hook. ``initialize`` loads initial weights that the
+    build does not (a Model Garden ``init_checkpoint``), on a fresh start only. With pretrained
+    weights it follows the thesis's two phases: ``frozen_epochs`` with the ``backbone`` layers
+    frozen (default: every layer not named ``head_*``), then fine-tuning at ``learning_rate *
+    finetune_lr_factor``. The weights at the end of the frozen phase are kept, so a job resumed
+    after it continues from them, not from the initial weights. Works for Keras 3 and tf_keras
+    models alike.
     """
     k = _keras_module(cfg.spec.framework)
     params = cfg.params
@@ -209,6 +239,8 @@ def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -
         raise registry.PluginError(f"model {cfg.name!r}: a binary classifier needs one sigmoid output, "
                                    f"got {model.output_shape[-1]} (the thesis's 3-output head is for "
                                    "reproducing its parameter count only)")
+    if initialize is not None and not has_progress(cfg.work_dir):
+        initialize()
 
     def compile_and_fit(learning_rate: float, cbs: list, first: int, last: int) -> None:
         model.compile(optimizer=k.optimizers.Adam(learning_rate),
@@ -218,17 +250,23 @@ def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -
                   class_weight=data.class_weight, callbacks=cbs, verbose=2)
 
     frozen = int(params.get("frozen_epochs", 0))
-    if params.get("weights", "none") in (None, "none") or frozen <= 0:
+    if not pretrained(params) or frozen <= 0:
         compile_and_fit(float(params["learning_rate"]), callbacks_, 0, epochs)
         return
-    backbone = [layer for layer in model.layers if not layer.name.startswith("head_")]
+    if backbone is None:
+        backbone = [layer for layer in model.layers if not layer.name.startswith("head_")]
     done = cfg.work_dir / "checkpoints" / "frozen.done"
-    if not done.exists():
+    end = cfg.work_dir / "checkpoints" / ("frozen_end.weights.h5" if cfg.spec.framework == "keras"
+                                          else "frozen_end/weights")
+    if done.exists():  # the frozen phase finished in an earlier attempt: continue from its weights
+        model.load_weights(str(end))
+    else:
         for layer in backbone:
             layer.trainable = False
         compile_and_fit(float(params["learning_rate"]),
                         callbacks(cfg.spec.framework, cfg.work_dir, int(params["patience"]), "frozen"), 0, frozen)
-        done.parent.mkdir(parents=True, exist_ok=True)
+        end.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(str(end))
         done.touch()
     for layer in backbone:
         layer.trainable = True
@@ -237,14 +275,18 @@ def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -
 
 
 def run_epochs(cfg: ModelConfig, *, trackables: dict[str, Any], train_epoch: Callable[[int], dict],
-               evaluate: Callable[[], dict], epochs: int, patience: int) -> None:
+               evaluate: Callable[[], dict], epochs: int, patience: int,
+               initialize: Callable[[], None] | None = None) -> None:
     """A resumable epoch loop for custom training loops (Model Garden detectors).
 
-    Restores ``tf.train.Checkpoint(**trackables, epoch=…)`` from ``work_dir/checkpoints/loop``,
-    then per epoch: ``train_epoch(epoch)`` → train logs, ``evaluate()`` → val logs (with
-    ``val_auroc``), history row, checkpoint; stops early after ``patience`` epochs without a
-    better ``val_auroc`` and restores the best weights of ``trackables["model"]``.
+    Restores ``tf.train.Checkpoint(**trackables, epoch=…)`` from ``work_dir/checkpoints/loop``;
+    without one (a fresh start, and only then) calls ``initialize`` (an initial checkpoint), so a
+    resumed job never loses its progress to it. Then per epoch: ``train_epoch(epoch)`` → train
+    logs, ``evaluate()`` → val logs (with ``val_auroc``), history row, TensorBoard scalars,
+    checkpoint; stops early after ``patience`` epochs without a better ``val_auroc`` and restores
+    the best weights of ``trackables["model"]``.
     """
+    import pandas as pd
     import tensorflow as tf
 
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -253,6 +295,8 @@ def run_epochs(cfg: ModelConfig, *, trackables: dict[str, Any], train_epoch: Cal
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint)
         log.info("resuming from %s at epoch %d", manager.latest_checkpoint, int(epoch_var.numpy()))
+    elif initialize is not None:
+        initialize()
     best_ckpt = tf.train.Checkpoint(model=trackables["model"])
     best_prefix = str(cfg.work_dir / "best_weights" / "loop")
     history_path = cfg.work_dir / "history.parquet"
@@ -261,12 +305,15 @@ def run_epochs(cfg: ModelConfig, *, trackables: dict[str, Any], train_epoch: Cal
     since_best = 0
     if best is not None and len(history):
         since_best = int(history["epoch"].max() - history.loc[history[MONITOR].idxmax(), "epoch"])
+    boards = {split: tf.summary.create_file_writer(str(cfg.work_dir / "tensorboard" / split))
+              for split in ("train", "validation")}
     for epoch in range(int(epoch_var.numpy()), epochs):
         if since_best >= patience:
             log.info("early stopping: no better %s for %d epochs", MONITOR, patience)
             break
         logs = {**train_epoch(epoch), **evaluate()}
         append_history(history_path, epoch + 1, logs)
+        epoch_scalars(boards, epoch, logs)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{key}={value:.4f}" for key, value in logs.items()))
         if best is None or logs[MONITOR] > best:
             best, since_best = logs[MONITOR], 0
@@ -277,6 +324,20 @@ def run_epochs(cfg: ModelConfig, *, trackables: dict[str, Any], train_epoch: Cal
         manager.save()
     if Path(best_prefix + ".index").exists():
         best_ckpt.read(best_prefix).expect_partial()
+
+
+def epoch_scalars(boards: dict, epoch: int, logs: dict[str, float]) -> None:
+    """One epoch's logs as TensorBoard scalars, laid out as Keras's TensorBoard callback writes them
+    (``train/epoch_loss``; ``val_auroc`` as ``validation/epoch_auroc``; 0-based epochs), so custom
+    loops and Keras models compare in one TensorBoard."""
+    import tensorflow as tf
+
+    for split, board in boards.items():
+        with board.as_default(step=epoch):
+            for key, value in logs.items():
+                if key.startswith("val_") == (split == "validation"):
+                    tf.summary.scalar(f"epoch_{key.removeprefix('val_')}", float(value))
+        board.flush()  # a killed job keeps the epochs it finished
 
 
 def _keras_module(framework: str):
@@ -330,12 +391,16 @@ def count_params(model) -> int | None:
 
 def train_model(name: str, config: dict, threads: int | None = None) -> dict:
     """Train one configured model end to end and write its folder; return the summary."""
+    import pandas as pd
+
     plugin, cfg = resolve(name, config)
     work_dir = cfg.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     log.info("train %s (plugin %s, %s/%s) CUDA_VISIBLE_DEVICES=%s SLURM_JOB_ID=%s", name, plugin.name,
              cfg.spec.kind, cfg.spec.framework, os.environ.get("CUDA_VISIBLE_DEVICES"),
              os.environ.get("SLURM_JOB_ID"))
+    if resources(plugin, config["models"][name])["gpus"] > 0:  # a model that asks for no GPU is not checked
+        devices.check_gpus(config["train"]["require_gpu"], model=name)
     preset = config["models"][name].get("preset") or plugin.spec.preset
     preset_dir = Path(config["results"]) / "preprocess" / preset
     recipe = json.loads((preset_dir / "recipe.json").read_text())
@@ -349,7 +414,8 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
     manifest = pd.read_parquet(Path(config["results"]) / "data" / "manifest.parquet")
     data = train_data(cfg, manifest, preset_dir, config["train"], config["preprocess"].get("augment"))
     start = time.monotonic()
-    with distribution(cfg.spec.framework, cfg.spec.kind).scope():
+    strategy = distribution(cfg.spec.framework, cfg.spec.kind)
+    with strategy.scope():
         model = plugin.hook("build")(cfg)
     patience = int(cfg.params.get("patience", 5))
     cbs = callbacks(cfg.spec.framework, work_dir, patience) if cfg.spec.framework != "service" else []
@@ -367,16 +433,16 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
         "preset": preset, "recipe_hash": recipe.get("hash"), "train_seconds": round(seconds, 2),
         "params": count_params(model), "epochs_run": None if history is None else int(history["epoch"].max()),
         "best_epoch": best_epoch, "restored_best": restored, "input_shape": list(cfg.input_shape),
-        "gpus_visible": _gpu_count(),
+        "device": devices.describe_device(_gpus_used(strategy), devices.mixed_precision(cfg.spec.framework), threads),
     }
     write_json(summary, work_dir / "train_summary.json")  # last: marks the model complete
     return summary
 
 
-def _gpu_count() -> int:
-    import tensorflow as tf
-
-    return len(tf.config.list_physical_devices("GPU"))
+def _gpus_used(strategy) -> int:
+    """GPUs the training ran on: the strategy's replicas when TensorFlow sees a GPU (the default
+    strategy places everything on the first one), else none."""
+    return strategy.num_replicas_in_sync if devices.visible_gpus() else 0
 
 
 def predict_data(cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame, preset_dir: Path,
@@ -392,6 +458,8 @@ def predict_data(cfg: ModelConfig, frame: pd.DataFrame, boxes: pd.DataFrame, pre
 
 def predict_scores(plugin: Plugin, model, cfg: ModelConfig, data) -> np.ndarray:
     """Run the plugin's ``predict`` hook over ``data`` (:func:`predict_data`); check its scores."""
+    import numpy as np
+
     frame = data.frame
     scores = np.asarray(plugin.hook("predict")(model, data, cfg), dtype=float).reshape(-1)
     if len(scores) != len(frame):

@@ -1,3 +1,5 @@
+import os
+import sys
 from pathlib import Path
 
 from snakemake.logging import logger
@@ -6,6 +8,13 @@ from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
+# ---- the library comes from this checkout: Snakemake alone parses the workflow (what --sdm conda
+# needs), also when another workflow uses it as a module. The jobs' conda environment installs the
+# same checkout (envs/physis.post-deploy.sh reads PHYSIS_ROOT).
+PHYSIS_ROOT = Path(str(workflow.current_basedir)).parents[1]
+sys.path.insert(0, str(PHYSIS_ROOT / "workflow"))
+os.environ.update(PHYSIS_ROOT=str(PHYSIS_ROOT))
+
 RESULTS = config["results"]
 DATA = f"{RESULTS}/data"
 LOGS = f"{RESULTS}/logs"
@@ -13,6 +22,7 @@ BENCH = f"{RESULTS}/benchmarks"
 
 
 from physis import config as physis_config
+from physis import ensemble as physis_ensemble
 from physis import fingerprint, runlock
 from physis import plugins as plugin_registry
 from physis import train as physis_train
@@ -62,6 +72,10 @@ def unavailable_reason(name):
 CONFIGURED = [name for name, entry in config["models"].items() if entry["enabled"]]
 UNAVAILABLE = {name: reason for name in CONFIGURED if (reason := unavailable_reason(name))}
 MODELS = [name for name in CONFIGURED if name not in UNAVAILABLE]
+# ---- ensembles: name -> the models whose scores it reads; evaluated like models (names must not clash)
+ENSEMBLES = physis_ensemble.resolve(config["ensembles"], config["models"], MODELS, UNAVAILABLE)
+EVALUATED = MODELS + list(ENSEMBLES)
+SUMMARIES = physis_ensemble.summary_files(RESULTS, MODELS, ENSEMBLES)
 
 
 def train_resources(name):
