@@ -5,7 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
-SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete
+# Train jobs declare gpu=1. With GPUs, as many trainings run at once as there are GPUs (TensorFlow takes
+# a whole GPU's memory); without one, the cores decide (the demo's jobs take one core each).
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
 
 .PHONY: setup demo test test-fast bench lint clean cluster-up cluster-down
 

@@ -594,6 +594,15 @@ def detect_all(detector, images: tf.data.Dataset) -> list[np.ndarray]:
     return found
 
 
+#: Training films the custom loops score after every epoch, for training-vs-validation AUROC curves.
+TRAINING_SAMPLE = 64
+
+
+def training_sample(train: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """A fixed sample of the training films (the same every epoch), for the training AUROC."""
+    return train.sample(n=min(TRAINING_SAMPLE, len(train)), random_state=seed)
+
+
 class DetectorLoop:
     """``train_epoch`` / ``evaluate`` closures of one detector for :func:`physis.train.run_epochs`.
 
@@ -624,6 +633,7 @@ class DetectorLoop:
         self.step = None
         self.steps = int(steps)
         self.val = data.frames.get("val")
+        self.train_sample = training_sample(data.frames["train"], seed)
 
     def enter_phase(self, epoch: int) -> None:
         """Freeze or unfreeze the backbone and set the learning rate for ``epoch``; retrace the step
@@ -651,7 +661,9 @@ class DetectorLoop:
         if self.val is None or self.val.empty:
             return {"val_auroc": float("nan")}
         found = detect_all(self.detector, film_images(self.val, 3, 8))
-        return {"val_auroc": auroc(self.val["label"], image_scores(found)),
+        seen = detect_all(self.detector, film_images(self.train_sample, 3, 8))
+        return {"auroc": auroc(self.train_sample["label"], image_scores(seen)),
+                "val_auroc": auroc(self.val["label"], image_scores(found)),
                 "val_boxes_per_image": float(np.mean([len(b) for b in found]))}
 
 
@@ -859,6 +871,9 @@ class CropLoop:
         table = crop_table(train, gt, dict(zip(train["image_id"], train_proposals)), model.image_hw, p)
         log.info("stage 2: %d crops (%d positive) from %d films", len(table), int(table["label"].sum()), len(train))
         self.table = table
+        sample = training_sample(train, seed)
+        self.train_sample = (sample["label"], film_images(sample, model.channels, 8),
+                             [train_proposals[i] for i in sample.index])
         dataset = crop_dataset(table, model.image_hw, model.channels, int(p["crop_size"]), batch_size, seed)
         self.iterator = iter(dataset)
         self.optimizer = optimizer("adam", learning_rate, clip_norm)
@@ -876,17 +891,21 @@ class CropLoop:
     def train_epoch(self, epoch: int) -> dict:
         return {"loss": run_steps(self.step, self.iterator, self.steps)}
 
+    def score(self, images: tf.data.Dataset, proposals: list[np.ndarray]) -> np.ndarray:
+        """Stage-2 film scores of batched ``images`` whose stage-1 ``proposals`` are known."""
+        scores, start = [], 0
+        for batch in images:
+            scores.append(self.model.score_batch(batch, proposals[start:start + int(batch.shape[0])])[0])
+            start += int(batch.shape[0])
+        return np.concatenate(scores)
+
     def evaluate(self) -> dict:
         if self.val is None or self.val.empty:
             return {"val_auroc": float("nan")}
-        scores, start = [], 0
-        for batch in self.val_images:
-            found = self.val_proposals[start:start + int(batch.shape[0])]
-            scores.append(self.model.score_batch(batch, found)[0])
-            start += int(batch.shape[0])
-        stage1 = image_scores(self.val_proposals)
-        return {"val_auroc": auroc(self.val["label"], np.concatenate(scores)),
-                "val_stage1_auroc": auroc(self.val["label"], stage1)}
+        labels, images, proposals = self.train_sample
+        return {"auroc": auroc(labels, self.score(images, proposals)),
+                "val_auroc": auroc(self.val["label"], self.score(self.val_images, self.val_proposals)),
+                "val_stage1_auroc": auroc(self.val["label"], image_scores(self.val_proposals))}
 
 
 # --------------------------------------------------------------------------- plugin hooks
