@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
-# Train jobs declare gpu=1. With GPUs, as many trainings run at once as there are GPUs (TensorFlow takes
-# a whole GPU's memory); without one, the cores decide (the demo's jobs take one core each).
+# Train jobs declare gpu=1. With a GPU, one training at a time (TensorFlow takes the memory of every GPU it
+# sees, and nothing pins a local job to its own GPU); without one, the cores decide (one core per demo job).
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(if $(filter-out 0,$(GPUS)),--resources gpu=$(GPUS))
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(if $(filter-out 0,$(GPUS)),--resources gpu=1)
 
 .PHONY: setup demo test test-fast bench lint clean cluster-up cluster-down
 

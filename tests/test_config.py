@@ -82,3 +82,11 @@ def test_every_dependency_is_pinned_and_tensorflow_cpu_is_absent():
     assert "tensorflow-cpu" not in pins
     assert pins["tensorflow"].startswith("2.20") and pins["tf-models-official"].startswith("2.20")
     assert pins["snakemake"].startswith("9.")
+
+
+def test_the_pseudonym_salt_may_not_live_under_results(tmp_path):
+    with pytest.raises(config.ConfigError, match="dataset.pseudonym_salt_file .* lies under results"):
+        config.load(overrides={"results": str(tmp_path / "results"), "dataset": {
+            "phantom": {"enabled": False}, "pseudonym_salt_file": str(tmp_path / "results" / "keys" / "salt")}})
+    config.load(overrides={"results": str(tmp_path / "results"), "dataset": {
+        "phantom": {"enabled": False}, "pseudonym_salt_file": str(tmp_path / "private" / "salt")}})

@@ -41,6 +41,19 @@ def test_an_ensemble_of_a_model_with_itself_is_the_model(rule):
         assert (doubled.predictions["y_pred"] == alone.predictions["y_pred"]).all()
 
 
+def test_rank_mean_places_films_among_validation_scores_only():
+    scores = models({"a": 1.5, "b": 0.8})
+    combined, _ = ensemble.combine(scores, ["a", "b"], "rank_mean")
+    test = scores["a"]["split"] == "test"
+    moved = {name: frame.assign(score=np.where(test, 1 - frame["score"], frame["score"]))
+             for name, frame in scores.items()}
+    again, _ = ensemble.combine(moved, ["a", "b"], "rank_mean")
+    assert np.array_equal(combined.loc[~test, "score"], again.loc[~test, "score"])  # test scores change nothing else
+    val = scores["a"][~test]
+    top = val["score"].idxmax()  # a's best validation film sits at a's top percentile
+    assert combined.loc[top, "score"] >= 0.5 * (1 - 0.5 / len(val))
+
+
 def test_stacking_and_member_choice_use_validation_only():
     scores = models({"strong": 2.0, "middling": 0.8, "weak": 0.1})
     # on test, "weak" is made the best model: top_k_by_val must not notice

@@ -70,6 +70,7 @@ def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], u
         row.update(threshold=threshold["value"], threshold_note=threshold["note"], n_test=int(test["n"].iloc[0]),
                    n_test_patients=int(test["n_patients"].iloc[0]), n_test_positive=int(test["n_positive"].iloc[0]))
         row.update({field: summaries[model].get(field) for field in SUMMARY_FIELDS})
+        row["device"] = (summaries[model].get("device") or {}).get("label")  # what the train job really ran on
         rows.append(row)
     for model, reason in unavailable.items():
         rows.append({"model": model, "status": "not configured", "reason": reason, "verdict": verdict.NOT_CONFIGURED,
@@ -88,7 +89,7 @@ def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], u
 def _board_columns() -> list[str]:
     metric_columns = [f"{name}{suffix}" for name in HEADLINE for suffix in ("", "_ci_low", "_ci_high")]
     return ["model", "status", "reason", "verdict", "verdict_reason", "hint", *metric_columns, "threshold",
-            "threshold_note", "n_test", "n_test_patients", "n_test_positive", *SUMMARY_FIELDS]
+            "threshold_note", "n_test", "n_test_patients", "n_test_positive", *SUMMARY_FIELDS, "device"]
 
 
 def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
@@ -108,6 +109,7 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
         "–" if pd.isna(n) else f"{int(n)} / {int(p)} / {int(q)}"
         for n, p, q in board[["n_test", "n_test_patients", "n_test_positive"]].to_numpy()]
     view["Train time (min)"] = board["train_seconds"].map(lambda s: "–" if pd.isna(s) else f"{s / 60:.1f}")
+    view["Trained on"] = board["device"].map(lambda d: d if isinstance(d, str) and d else "not recorded")
     view["Parameters"] = board["params"].map(lambda p: "–" if pd.isna(p) else f"{int(p):,}")
     view["Thesis accuracy (different data)"] = [
         "–" if pd.isna(a) else f"{a:.1%} ({m})" for m, a in board[["thesis_model", "thesis_accuracy"]].to_numpy()]

@@ -48,6 +48,10 @@ def check(cfg: dict, plugins: dict | None = None) -> None:
             check_folder(Path(cfg["dataset"]["root"]))
         except PhantomFolderError as err:
             raise ConfigError(f"dataset.root and dataset.phantom.enabled: true do not fit together: {err}") from None
+    salt = Path(cfg["dataset"]["pseudonym_salt_file"]).resolve()
+    if salt.is_relative_to(Path(cfg["results"]).resolve()):
+        raise ConfigError(f"dataset.pseudonym_salt_file ({salt}) lies under results ({cfg['results']}): the salt and "
+                          "the key that maps file aliases back to paths must stay out of the results you share")
     if plugins is not None:
         check_models(cfg, plugins)
 

@@ -5,9 +5,8 @@ Declared in the config (``ensembles: {name: {members: [...] | top_k_by_val: k, r
 * **Members** are listed, or are the ``top_k_by_val`` evaluated models with the highest
   **validation** AUROC of their raw scores (test is never looked at; ties go by name).
 * **Rules.** ``mean``: the mean of the members' raw scores. ``rank_mean``: the mean of the
-  members' percentile ranks among all the films scored (validation and test pooled; ranks use no
-  label, but they make a film's ensemble score depend on the other films, so this rule cannot
-  score a single new film). ``logistic``: stacking, a logistic regression on the members' logits
+  members' percentiles, each film's score placed among that member's validation scores (no label;
+  test films never move another film's score). ``logistic``: stacking, a logistic regression on the members' logits
   fitted on the **validation** films only (scikit-learn's default L2 penalty keeps it finite when
   validation separates the classes).
 
@@ -111,7 +110,6 @@ def combine(scores: Mapping[str, pd.DataFrame], members: Sequence[str], rule: st
     """The ensemble's scores table on the films every member scored, and its stacking weights (``logistic``)."""
     import numpy as np
     from scipy.special import logit
-    from scipy.stats import rankdata
     from sklearn.linear_model import LogisticRegression
 
     from physis.calibration import EPS
@@ -134,7 +132,15 @@ def combine(scores: Mapping[str, pd.DataFrame], members: Sequence[str], rule: st
     if rule == "mean":
         combined = matrix.mean(axis=1)
     elif rule == "rank_mean":
-        combined = (rankdata(matrix, axis=0) / len(matrix)).mean(axis=1)
+        # each film's (mid-)percentile among the member's validation scores, so no test film moves another
+        # film's score; a 1e-6 share of the raw score breaks the ties between validation scores
+        reference = np.sort(matrix[(base["split"] == "val").to_numpy()], axis=0)
+        if not len(reference):
+            raise EnsembleError("rank_mean needs validation films")
+        percentiles = [(np.searchsorted(reference[:, k], matrix[:, k], side="left")
+                        + np.searchsorted(reference[:, k], matrix[:, k], side="right")) / (2 * len(reference))
+                       for k in range(matrix.shape[1])]
+        combined = np.mean([(1 - 1e-6) * q + 1e-6 * matrix[:, k] for k, q in enumerate(percentiles)], axis=0)
     elif rule == "logistic":
         val = (base["split"] == "val").to_numpy()
         if base.loc[val, "y_true"].nunique() < 2:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from physis import calibration, figures, metrics, stats
-from physis.phantom import CONSPICUITY
+from physis.records import CONSPICUITY
 from physis.io import write_parquet
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import pandas as pd
 from physis import calibration
 from physis import plugins as registry
 from physis.detection import boxes_table
-from physis.phantom import CONSPICUITY
+from physis.records import CONSPICUITY
 from physis.plugins import ModelConfig, Plugin
 from physis.train import load_frames, load_model, predict_data, predict_scores
 

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from physis.phantom_folder import MARKER, PhantomFolderError, check_folder  # noqa: F401 (API)
-from physis.records import CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box
+from physis.records import CONSPICUITY, CSV_COLUMNS, YOLO_CLASSES, YOLO_LABEL_DIR, Box
 
 IMAGE_FOLDERS = tuple(f"images_part{k}" for k in range(1, 5))
 LABEL_DIR = Path(YOLO_LABEL_DIR)
@@ -960,8 +960,6 @@ class FractureTruth:
 
 #: The phantom's ground truth, one row per visible fracture, next to dataset.csv (not part of the release).
 TRUTH_FILE = "phantom_truth.csv"
-#: Manifest column convert adds from it: the displacement of the film's physeal fracture.
-CONSPICUITY = "phantom_displacement_pct"
 
 
 def render(spec: PhantomImage, size_scale: float = 1.0, show_fracture: bool | None = None

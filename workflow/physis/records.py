@@ -32,6 +32,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "osteopenia", "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
 )
 
+#: Optional manifest column (phantom data only): displacement of the film's physeal fracture, percent of the
+#: bone's width (physis.phantom.attach_truth); evaluate reports sensitivity in thirds of it.
+CONSPICUITY = "phantom_displacement_pct"
+
 #: Where the release keeps its YOLO label files, relative to the data set root.
 YOLO_LABEL_DIR = "folder_structure/yolov5/labels"
 

@@ -5,7 +5,7 @@ stay at chance, and two failure modes look better than chance on a single number
 give accuracy equal to the majority class's share, and near-constant scores can give an AUROC whose
 confidence interval just excludes 0.5. The rule:
 
-1. **learned**: the validation AUROC's 95% CI lies above 0.5, *and* the test split confirms it: the
+1. **learned**: the validation AUROC's confidence interval lies above 0.5, *and* the test split confirms it: the
    test AUROC's CI lies above 0.5 and so does Cohen's κ's above 0 at the validation-chosen threshold
    (the threshold carries information, not only the ranking). Validation chose the epoch and the
    threshold, so it is optimistic on its own; test only confirms, it never ranks or tunes.
@@ -43,7 +43,7 @@ SHORT = {LEARNED: "learned", NO_EVIDENCE: "no evidence", DEGENERATE: "degenerate
 #: Scores whose 5th-95th percentile range is narrower than this are near-constant.
 MIN_SPREAD = 0.05
 #: How the report states the rule (methods section and leaderboard notes).
-RULE = ("Verdict: learned = validation AUROC 95% CI above 0.5, confirmed on test (test AUROC CI above "
+RULE = ("Verdict: learned = validation AUROC CI above 0.5, confirmed on test (test AUROC CI above "
         f"0.5 and Cohen's kappa CI above 0); degenerate = not learned and near-constant scores (5th-95th "
         f"percentile range < {MIN_SPREAD}) or a single predicted class; otherwise no evidence of learning. "
         "Models without evidence of learning are listed below the ones that learned and are not results.")

@@ -16,6 +16,7 @@ rule predict:
     threads: lambda w: train_resources(w.model)["cpus"]
     resources:
         mem_mb=lambda w: train_resources(w.model)["mem_mb"],
+        runtime=lambda w: train_resources(w.model)["runtime"],
     conda:
         "../../envs/physis.yaml"
     script:
@@ -165,6 +166,7 @@ rule gallery:
     threads: lambda w: train_resources(w.model)["cpus"]
     resources:
         mem_mb=lambda w: train_resources(w.model)["mem_mb"],
+        runtime=lambda w: train_resources(w.model)["runtime"],
     conda:
         "../../envs/physis.yaml"
     script:

@@ -42,7 +42,6 @@ from datetime import date
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
