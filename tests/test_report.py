@@ -390,7 +390,7 @@ def model_preset(name):
 
 
 def train_resources(name):
-    return {{"mem_mb": 1000, "cpus": 1}}
+    return {{"mem_mb": 1000, "cpus": 1, "runtime": 10}}
 
 
 def model_plugin(name):

@@ -228,3 +228,45 @@ def test_train_hook_cannot_reach_test_films(prepared):
     assert reachable == kept
     pd.testing.assert_frame_equal(data.boxes, all_boxes[all_boxes["image_id"].isin(kept)].reset_index(drop=True))
     assert sum(len(labels) for _, labels in data.val) == len(data.frames["val"])
+
+
+def test_a_checkpoint_half_written_by_a_kill_does_not_stop_the_resume(tmp_path):
+    """Keras 3 writes .h5 files in place: a kill while the epoch backup is being written leaves it corrupt.
+    The job resumes from the backup before it, and the best weights are only ever renamed into place."""
+    import keras
+    import numpy as np
+
+    from physis.train import callbacks
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), (rng.random(64) < 0.5).astype("float32")
+
+    class Killed(Exception):
+        pass
+
+    class KillAt(keras.callbacks.Callback):
+        def __init__(self, epoch):
+            super().__init__()
+            self.at = epoch
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == self.at:
+                raise Killed
+
+    def fit(epochs: int, kill_at: int | None = None):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        model.compile("adam", "binary_crossentropy", metrics=[keras.metrics.AUC(name="auroc")])
+        extra = [] if kill_at is None else [KillAt(kill_at)]
+        return model, model.fit(x, y, validation_data=(x, y), epochs=epochs, verbose=0,
+                                callbacks=callbacks("keras", tmp_path, patience=10) + extra)
+
+    with pytest.raises(Killed):
+        fit(4, kill_at=2)  # two epochs backed up, then the job dies
+    latest = tmp_path / "checkpoints" / "main" / "latest.weights.h5"
+    latest.write_bytes(latest.read_bytes()[:100])  # what SIGKILL in the middle of writing it leaves
+    _, history = fit(4)
+    assert history.epoch == [1, 2, 3]  # resumed after epoch 1 (the backup before the broken one), not restarted
+    assert (tmp_path / "best.weights.h5").is_file() and not list(tmp_path.glob(".partial.*"))
+    model, _ = fit(0)
+    model.load_weights(str(tmp_path / "best.weights.h5"))

@@ -187,10 +187,34 @@ def callbacks(framework: str, work_dir: Path, patience: int, phase: str = "main"
             append_history(history_path, epoch + 1, logs or {})
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{key}={value:.4f}" for key, value in (logs or {}).items()))
 
+    if framework == "tf_keras":  # TensorFlow checkpoints: written to temporary files, then renamed
+        backup = k.callbacks.BackupAndRestore(str(work_dir / "checkpoints" / phase))
+        keep_best = k.callbacks.ModelCheckpoint(best, monitor=MONITOR, mode="max", save_best_only=True,
+                                                save_weights_only=True,
+                                                initial_value_threshold=_best_so_far(history_path))
+    else:  # Keras 3 writes .h5 files in place: a kill mid-write must not leave the only copy half-written
+        backup = k.callbacks.BackupAndRestore(str(work_dir / "checkpoints" / phase), double_checkpoint=True)
+
+        class BestWeights(k.callbacks.Callback):
+            """The best validation-AUROC weights, saved to a temporary file and renamed into place."""
+
+            def __init__(self):
+                super().__init__()
+                self.best = _best_so_far(history_path)
+
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(MONITOR)
+                if value is None or (self.best is not None and value <= self.best):
+                    return
+                self.best = value
+                tmp = Path(best).with_name(f".partial.{Path(best).name}")
+                self.model.save_weights(str(tmp))
+                os.replace(tmp, best)
+
+        keep_best = BestWeights()
     return [
-        k.callbacks.BackupAndRestore(str(work_dir / "checkpoints" / phase)),
-        k.callbacks.ModelCheckpoint(best, monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True,
-                                    initial_value_threshold=_best_so_far(history_path)),
+        backup,
+        keep_best,
         k.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience),
         k.callbacks.TensorBoard(str(work_dir / "tensorboard"), write_graph=False, profile_batch=0),
         History(),
