@@ -8,6 +8,8 @@
 #   preprocess/{preset}/  images/, index, boxes, rejected, recipe.json, steps.png (preprocess)
 #   models/{model}/       saved model, recipe.json, params.json, history.parquet,
 #                         tensorboard/, checkpoints/, train_summary.json          (train)
+#                         with split.folds = k: fold0/ ... fold{k-1}/ (one model each) and the
+#                         combined summary, history, recipe, params         (train, cross_validation)
 #                         calibration.json: calibrator + threshold for `physis predict` (evaluate)
 #   models/{ensemble}/    ensemble.json, calibration.json                         (ensemble, evaluate)
 #   scores/{model}.parquet, predictions/{model}.parquet, metrics/{model}.parquet  (predict, evaluate)
@@ -48,4 +50,4 @@ rule data_only:
 
 rule train_only:
     input:
-        expand(rules.train.output, model=MODELS),
+        expand(f"{RESULTS}/models/{{model}}/train_summary.json", model=MODELS),

@@ -44,7 +44,7 @@ THESIS_NOTE = ("Thesis Table 5.1 accuracies come from a different data set (Graz
                "split and labels): shown for orientation only, not comparable with this run's numbers.")
 HEADLINE = ["auroc", "accuracy", "kappa", "sensitivity", "specificity", "ppv", "npv", "f1", "average_precision",
             "brier", "brier_raw", "ece", "ece_raw"]
-SUMMARY_FIELDS = ["plugin", "kind", "framework", "train_seconds", "params", "epochs_run", "best_epoch"]
+SUMMARY_FIELDS = ["plugin", "kind", "framework", "train_seconds", "params", "epochs_run", "best_epoch", "folds"]
 
 
 def thesis_row(model: str, plugin: str | None, mapping: Mapping[str, str]) -> str | None:
@@ -109,6 +109,10 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
         "–" if pd.isna(n) else f"{int(n)} / {int(p)} / {int(q)}"
         for n, p, q in board[["n_test", "n_test_patients", "n_test_positive"]].to_numpy()]
     view["Train time (min)"] = board["train_seconds"].map(lambda s: "–" if pd.isna(s) else f"{s / 60:.1f}")
+    cross_validated = board["folds"].notna() & (board["folds"].fillna(0) > 1)
+    if cross_validated.any():
+        view["Validation"] = [f"pooled out-of-fold, {int(k)} folds" if cv else "validation split"
+                              for k, cv in zip(board["folds"].fillna(0), cross_validated)]
     view["Trained on"] = board["device"].map(lambda d: d if isinstance(d, str) and d else "not recorded")
     view["Parameters"] = board["params"].map(lambda p: "–" if pd.isna(p) else f"{int(p):,}")
     view["Thesis accuracy (different data)"] = [
@@ -119,6 +123,10 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
              "probabilities. Average precision and the other metrics are in leaderboard.csv and each "
              "model's metrics table.",
              f"{ci}s: percentile bootstrap resampling patients, not films.", THESIS_NOTE]
+    if cross_validated.any():
+        notes.insert(2, "Cross-validated models: every train+val film was scored by the fold model that did not "
+                        "train on it, and these pooled out-of-fold scores served as the validation split (threshold, "
+                        "calibration, verdict); test films were scored by the mean of the fold models.")
     figures.write_html_table(view, path, "Leaderboard (test split)",
                              "Models that learned are ranked by test AUROC; the models below them show no "
                              "evidence of learning and are not results (see the verdict). Pairwise significance "

@@ -43,6 +43,8 @@ def check(cfg: dict, plugins: dict | None = None) -> None:
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"split.fractions must add up to 1: train {fractions['train']:g} + val "
                           f"{fractions['val']:g} + test {fractions['test']:g} = {total:g}")
+    if cfg["split"]["folds"] == 1:
+        raise ConfigError("split.folds is 1, which is no cross-validation: use 0 (one train/val/test split) or ≥ 2")
     if cfg["dataset"]["phantom"]["enabled"]:
         try:
             check_folder(Path(cfg["dataset"]["root"]))

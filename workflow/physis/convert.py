@@ -163,7 +163,8 @@ def check_and_split(cfg: dict, manifest: pd.DataFrame, table: pd.DataFrame, n_re
         raise ConvertError(f"{root}: every image was excluded from target {cfg['target']['name']!r}")
     split_cfg = cfg["split"]
     if split_cfg.get("file"):
-        manifest = splits.apply_split_file(manifest, split_cfg["file"])
+        manifest = splits.assign_folds(splits.apply_split_file(manifest, split_cfg["file"]), split_cfg["folds"],
+                                       split_cfg["seed"])
     else:
         manifest = splits.assign_splits(manifest, split_cfg["fractions"], split_cfg["seed"], split_cfg["folds"])
     splits.check_splits(manifest)

@@ -92,7 +92,7 @@ def predictions_table(scores: pd.DataFrame, threshold: Threshold) -> pd.DataFram
     if missing:
         raise EvaluateError(f"scores table lacks column(s) {', '.join(missing)}")
     out = scores.assign(y_pred=(scores["score"] >= threshold.value).astype(int))
-    optional = [CONSPICUITY] if CONSPICUITY in out else []
+    optional = [c for c in (CONSPICUITY, "fold") if c in out]  # phantom truth; cross-validation's fold
     return out[PREDICTION_COLUMNS + optional].reset_index(drop=True)
 
 
@@ -357,14 +357,16 @@ def write_gallery(predictions_path: str | Path, model_dir: str | Path, preset_di
     """Draw the gallery: chosen test films with the plugin's explanation and the reference boxes.
 
     The plugin's ``explain`` hook is used when it has one; Keras classifiers without one get the
-    generic Grad-CAM of :mod:`physis.explain`; other plugins are shown without an overlay.
+    generic Grad-CAM of :mod:`physis.explain`; other plugins are shown without an overlay. A
+    cross-validated model is explained by its fold 0 model (an explanation is one network's).
     """
-    from physis import inference, pipeline
+    from physis import crossval, inference, pipeline
     from physis.explain import explainer
 
     predictions = pd.read_parquet(predictions_path)
     chosen = gallery_selection(predictions, per_row)
-    plugin, network, model_cfg = inference.load_trained(model_dir)
+    folds = crossval.fold_dirs(model_dir)
+    plugin, network, model_cfg = inference.load_trained(folds[0] if folds else model_dir)
     explain, how = explainer(plugin, model_cfg)
     preset_dir = Path(preset_dir)
     index = pd.read_parquet(preset_dir / "index.parquet")[["image_id", "path"]]
@@ -388,8 +390,9 @@ def write_gallery(predictions_path: str | Path, model_dir: str | Path, preset_di
                 pred_boxes=None if explanation is None else explanation.boxes,
                 true_boxes=boxes[boxes["image_id"] == row.image_id]))
         rows.append((f"{name} ({len(films)})", panels))
-    legend = (f"Overlay: {how} (warmer = more influence on the score). Green: reference fracture box; "
-              "dotted: other annotated objects; orange dashed: predicted boxes with scores.")
+    legend = (f"Overlay: {how}{' of the fold 0 model' if folds else ''} (warmer = more influence on the score). "
+              "Green: reference fracture box; dotted: other annotated objects; orange dashed: predicted boxes "
+              "with scores.")
     figures.film_grid(rows, output, f"{model}: test films at the validation-chosen threshold", legend)
 
 

@@ -141,10 +141,15 @@ def training_figure(history: pd.DataFrame, path: str | Path, title: str, best_ep
               if name in history or f"val_{name}" in history]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.8), squeeze=False,
                              layout="constrained")
+    # a cross-validated model's history holds every fold's epochs (column fold): one colour per fold
+    runs = list(history.groupby("fold")) if "fold" in history else [(None, history)]
     for ax, (name, label) in zip(axes[0], panels):
-        for column, style, legend in ((name, "-", "training"), (f"val_{name}", "--", "validation")):
-            if column in history:
-                ax.plot(history["epoch"], history[column], style, marker=".", label=legend)
+        for n, (fold, run) in enumerate(runs):
+            for column, style, legend in ((name, "-", "training"), (f"val_{name}", "--", "validation")):
+                if column in run:
+                    ax.plot(run["epoch"], run[column], style, marker=".",
+                            color=None if fold is None else COLORS[n % len(COLORS)],
+                            label=legend if fold is None else f"{legend}, fold {fold}")
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls=":", label=f"best epoch ({best_epoch})")
         ax.set(xlabel="Epoch", ylabel=label)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from physis import calibration
+from physis import calibration, crossval
 from physis import plugins as registry
 from physis.detection import boxes_table
 from physis.records import CONSPICUITY
@@ -48,6 +48,10 @@ def load_trained(model_dir: str | Path):
                          "give one model folder")
     if not (model_dir / "train_summary.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a finished model folder (no train_summary.json)")
+    folds = crossval.fold_dirs(model_dir)
+    if folds:
+        raise ValueError(f"{model_dir}: a cross-validated model of {len(folds)} fold models; give one of its fold "
+                         f"folders ({folds[0]}, …)")
     plugin, cfg = model_config(model_dir)
     return plugin, load_model(plugin, cfg), cfg
 
@@ -56,8 +60,13 @@ def predict_frame(model_dir: str | Path, manifest: pd.DataFrame, preset_dir: str
                   splits: tuple[str, ...] = ("val", "test")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scores for the manifest's images of ``splits`` (the evaluate stage's input) and, for
     plugins with a ``predict_boxes`` hook, their raw boxes (image_id, split, x, y, w, h, score in
-    preprocessed pixels; empty for classifiers).
+    preprocessed pixels; empty for classifiers). A cross-validated model folder gives pooled
+    out-of-fold scores as ``val`` and the fold ensemble's mean on test (:func:`physis.crossval.combine`).
     """
+    folds = crossval.fold_dirs(model_dir)
+    if folds:
+        return crossval.combine([predict_frame(folder, crossval.fold_manifest(manifest, k), preset_dir, splits)
+                                 for k, folder in enumerate(folds)])
     plugin, model, cfg = load_trained(model_dir)
     preset_dir = Path(preset_dir)
     frames = load_frames(manifest[manifest["split"].isin(splits)], preset_dir)

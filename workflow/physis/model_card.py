@@ -125,7 +125,13 @@ def training_rows(summary: Mapping) -> Iterator[Row]:
     seconds = summary.get("train_seconds")
     yield section, "Training time" + (" (members' total)" if members else ""), (
         f"{seconds / 60:.1f} min" if seconds is not None else NOT_RECORDED)
-    if not members:
+    if summary.get("folds"):
+        yield section, "Cross-validation", (
+            f"{summary['folds']} patient-grouped folds over train+val, one model each; validation metrics are of "
+            "the pooled out-of-fold scores, test scores are the fold models' mean")
+        yield section, "Epochs run per fold (best epoch kept)", ", ".join(
+            f"{e} ({b})" for e, b in zip(summary["fold_epochs"], summary["fold_best_epochs"]))
+    elif not members:
         yield section, "Epochs run (best epoch kept)", f"{summary.get('epochs_run')} ({summary.get('best_epoch')})"
 
 

@@ -53,19 +53,23 @@ def assign_splits(
     mapping = {**dict.fromkeys(train, "train"), **dict.fromkeys(val, "val"), **dict.fromkeys(test, "test")}
     out = frame.copy()
     out["split"] = out["patient_id"].map(mapping)
-    if folds > 1:
-        out["fold"] = _folds(out, folds, seed)
-    return out
+    return assign_folds(out, folds, seed)
 
 
-def _folds(frame: pd.DataFrame, folds: int, seed: int) -> pd.Series:
-    """Patient-grouped stratified folds over train+val (test stays out of every fold)."""
-    fold = pd.Series(-1, index=frame.index, dtype=int)
+def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> pd.DataFrame:
+    """``frame`` with a ``fold`` column when ``folds`` > 1: patient-grouped stratified folds over
+    train+val (test films get -1: the test split stays out of every fold)."""
+    if folds <= 1:
+        return frame
     pool = frame[frame["split"] != "test"]
+    patients = pool["patient_id"].nunique()
+    if patients < folds:
+        raise SplitError(f"split.folds is {folds} but train+val hold only {patients} patients")
+    fold = pd.Series(-1, index=frame.index, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, held) in enumerate(splitter.split(pool, pool["label"], groups=pool["patient_id"])):
         fold.loc[pool.index[held]] = k
-    return fold
+    return frame.assign(fold=fold)
 
 
 def apply_split_file(frame: pd.DataFrame, split_file: str) -> pd.DataFrame:
@@ -96,3 +100,10 @@ def check_splits(frame: pd.DataFrame) -> None:
             raise SplitError(
                 f"split {name!r} has only class {labels.pop()}: add data or change split.fractions/seed"
             )
+    if "fold" in frame:
+        pool = frame[frame["split"] != "test"]
+        for k, part in pool.groupby("fold"):
+            for held, rows in (("held-out", part), ("training", pool[pool["fold"] != k])):
+                if rows["label"].nunique() < 2:
+                    raise SplitError(f"fold {k}'s {held} films have only class {rows['label'].iloc[0]}: "
+                                     "use fewer split.folds or more data")

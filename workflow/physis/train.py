@@ -413,11 +413,16 @@ def count_params(model) -> int | None:
 # --------------------------------------------------------------------------- the stage
 
 
-def train_model(name: str, config: dict, threads: int | None = None) -> dict:
-    """Train one configured model end to end and write its folder; return the summary."""
+def train_model(name: str, config: dict, threads: int | None = None, fold: int | None = None) -> dict:
+    """Train one configured model end to end and write its folder; return the summary. With ``fold``
+    (cross-validation), train fold ``fold``'s model into ``models/{name}/fold{fold}/`` (:mod:`physis.crossval`)."""
     import pandas as pd
 
+    from physis import crossval
+
     plugin, cfg = resolve(name, config)
+    if fold is not None:
+        cfg.work_dir = crossval.fold_dir(cfg.work_dir, fold)
     work_dir = cfg.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     log.info("train %s (plugin %s, %s/%s) CUDA_VISIBLE_DEVICES=%s SLURM_JOB_ID=%s", name, plugin.name,
@@ -436,6 +441,8 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
         log.info("resuming from checkpoint in %s", work_dir / "checkpoints")
     seed_everything(cfg.seed, threads)
     manifest = pd.read_parquet(Path(config["results"]) / "data" / "manifest.parquet")
+    if fold is not None:
+        manifest = crossval.fold_manifest(manifest, fold)
     data = train_data(cfg, manifest, preset_dir, config["train"], config["preprocess"].get("augment"))
     start = time.monotonic()
     strategy = distribution(cfg.spec.framework, cfg.spec.kind)
@@ -458,6 +465,7 @@ def train_model(name: str, config: dict, threads: int | None = None) -> dict:
         "params": count_params(model), "epochs_run": None if history is None else int(history["epoch"].max()),
         "best_epoch": best_epoch, "restored_best": restored, "input_shape": list(cfg.input_shape),
         "device": devices.describe_device(_gpus_used(strategy), devices.mixed_precision(cfg.spec.framework), threads),
+        **({} if fold is None else {"fold": fold}),
     }
     write_json(summary, work_dir / "train_summary.json")  # last: marks the model complete
     return summary

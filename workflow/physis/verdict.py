@@ -104,6 +104,8 @@ def history_hint(history: pd.DataFrame | None, members: Sequence[str] | None = N
                 "that validation and test confirm; see the members' verdicts, and ensemble models that learned")
     if history is None or "val_auroc" not in history or history["val_auroc"].isna().all():
         return "no validation AUROC was recorded during training"
+    if "fold" in history:  # cross-validation: the first fold's curve stands for the others
+        history = history[history["fold"] == history["fold"].min()]
     epochs = len(history)
     best = history["val_auroc"].max()
     curve = f"validation AUROC never rose above {best:.2f} in {epochs} epoch{'s' if epochs != 1 else ''}"

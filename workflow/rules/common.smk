@@ -88,5 +88,12 @@ def train_priority(name):
     return len(MODELS) - MODELS.index(name)
 
 
+# ---- cross-validation (physis.crossval): k train jobs per model, one per fold
+FOLDS = config["split"]["folds"] if config["split"]["folds"] > 1 else 0
+FOLD_DIR = "fold{fold}/" if FOLDS else ""
+FOLD_SUFFIX = "_fold{fold}" if FOLDS else ""
+
+
 wildcard_constraints:
     model="|".join(MODELS) or "no_models_configured",
+    fold=r"\d+",
