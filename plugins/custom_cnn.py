@@ -3,7 +3,7 @@ a Dense(2048) on the flattened features — 102,850,851 parameters at 540×203×
 thesis's 3-output head. physis trains it with one sigmoid output (``outputs: 1``).
 """
 
-from physis.keras_models import binary_head, explain_gradcam, predict_classifier, scaled_input
+from physis.keras_models import classifier, explain_gradcam, predict_classifier, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -19,6 +19,7 @@ SPEC = ModelSpec(
         "patience": 3,
         "outputs": 1,  # 3 = the thesis's softmax head, only to reproduce its parameter count
         "weights": "none",  # no pretrained weights exist for this network
+        "supervision": "labels",  # labels | boxes: the fracture boxes train a map head (physis.heatmap)
     },
     resources=Resources(gpus=1, mem_mb=12000, runtime=240, cpus=4),
     reference="Thesis (Graz 2021) Listings 7.5/7.6: custom CNN, 74.6% accuracy (Table 5.1)",
@@ -40,9 +41,9 @@ def build(cfg):
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D((2, 2))(x)
     x = layers.Conv2D(512, 3, padding="same", activation="relu", name="last_conv")(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(2048, activation="relu")(x)
-    return binary_head(inputs, x, "custom_cnn", outputs=int(cfg.params["outputs"]))
+    return classifier(inputs, x, cfg, "custom_cnn",
+                      lambda features: layers.Dense(2048, activation="relu")(layers.Flatten()(features)),
+                      outputs=int(cfg.params["outputs"]))
 
 
 train = fit_classifier

@@ -10,7 +10,7 @@ its own map, not Grad-CAM.
 
 import math
 
-from physis.heatmap import HEAT_LAYER, explain, fit
+from physis.heatmap import explain, fit, map_head
 from physis.keras_models import predict_classifier, scaled_input
 from physis.plugins import ModelSpec, Resources
 
@@ -36,7 +36,6 @@ SPEC = ModelSpec(
 
 
 def build(cfg):
-    import keras
     from keras import layers
 
     stride = int(cfg.params["stride"])
@@ -58,9 +57,7 @@ def build(cfg):
         x = layers.Conv2D(int(width * 1.5 ** (blocks + 1)), 3, padding="same", dilation_rate=dilation,
                           activation="relu")(x)
         x = layers.BatchNormalization(momentum=0.9)(x)
-    heat = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=HEAT_LAYER)(x)
-    score = layers.Reshape((1,), name="head_score")(layers.GlobalMaxPooling2D(name="head_pool")(heat))
-    return keras.Model(inputs, score, name="heatmap_cnn")
+    return map_head(inputs, x, "heatmap_cnn")
 
 
 train = fit

@@ -3,7 +3,7 @@ got 46.1%; physis's default letterboxes them instead (the fix). Configure a seco
 ``plugin: mobilenetv2`` and ``preset: stretch_224`` to reproduce the thesis's setup.
 """
 
-from physis.keras_models import binary_head, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
+from physis.keras_models import classifier, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -21,6 +21,7 @@ SPEC = ModelSpec(
         "weights": "none",  # none | imagenet (needs internet) | path to a local notop weights file
         "frozen_epochs": 2,
         "finetune_lr_factor": 0.1,
+        "supervision": "labels",  # labels | boxes: the fracture boxes train a map head (physis.heatmap)
     },
     resources=Resources(gpus=1, mem_mb=6000, runtime=120, cpus=4),
     reference="Sandler et al., CVPR 2018; thesis Table 5.1, 46.1% accuracy (stretched 224×224 input)",
@@ -32,8 +33,7 @@ def build(cfg):
 
     inputs, x = scaled_input(cfg, "tf")
     base = pretrained_backbone(keras.applications.MobileNetV2, cfg, input_tensor=x, alpha=float(cfg.params["alpha"]))
-    features = keras.layers.GlobalAveragePooling2D(name="head_pool")(base.output)
-    return binary_head(inputs, features, "mobilenetv2")
+    return classifier(inputs, base.output, cfg, "mobilenetv2", keras.layers.GlobalAveragePooling2D(name="head_pool"))
 
 
 train = fit_classifier

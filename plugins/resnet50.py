@@ -2,7 +2,7 @@
 map, flatten, one sigmoid unit — 23,620,481 parameters at 224×224×3 (thesis Listing 7.10).
 """
 
-from physis.keras_models import binary_head, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
+from physis.keras_models import classifier, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -19,6 +19,7 @@ SPEC = ModelSpec(
         "weights": "none",  # none | imagenet (needs internet) | path to a local notop weights file
         "frozen_epochs": 2,  # with pretrained weights: epochs with a frozen backbone first
         "finetune_lr_factor": 0.1,
+        "supervision": "labels",  # labels | boxes: the fracture boxes train a map head (physis.heatmap)
     },
     resources=Resources(gpus=1, mem_mb=8000, runtime=180, cpus=4),
     reference="He et al., CVPR 2016; thesis Listing 7.10, 69.1% accuracy (Table 5.1)",
@@ -30,9 +31,12 @@ def build(cfg):
 
     inputs, x = scaled_input(cfg, "caffe")
     base = pretrained_backbone(keras.applications.ResNet50, cfg, input_tensor=x)
-    features = keras.layers.AveragePooling2D(pool_size=2, padding="same", name="head_pool")(base.output)
-    features = keras.layers.Flatten(name="head_flatten")(features)
-    return binary_head(inputs, features, "resnet50")
+
+    def head(features):
+        features = keras.layers.AveragePooling2D(pool_size=2, padding="same", name="head_pool")(features)
+        return keras.layers.Flatten(name="head_flatten")(features)
+
+    return classifier(inputs, base.output, cfg, "resnet50", head)
 
 
 train = fit_classifier

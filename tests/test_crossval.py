@@ -177,6 +177,13 @@ def test_the_report_says_validation_is_out_of_fold(cross_validated):
     assert board.loc["custom_cnn", "folds"] == 2
     html = (cross_validated / "leaderboard.html").read_text()
     assert "pooled out-of-fold, 2 folds" in html
+    # study level (the phantom's AP and lateral films of one visit) rides along
+    assert board.loc["custom_cnn", "n_test_studies"] < board.loc["custom_cnn", "n_test"]
+    assert "Study AUROC" in html
+    metrics = pd.read_parquet(cross_validated / "metrics" / "custom_cnn.parquet")
+    study = metrics[(metrics["group"] == "study") & (metrics["split"] == "test")].set_index("metric")
+    auroc = study.loc["auroc"]  # a tiny test split may hold positive studies only: then undefined, and said so
+    assert 0 <= auroc["value"] <= 1 or auroc["note"].startswith("undefined")
     card = (cross_validated / "figures" / "custom_cnn" / "model_card.html").read_text()
     assert "Cross-validation" in card and "pooled out-of-fold" in card
     assert (cross_validated / "figures" / "custom_cnn" / "gallery.png").is_file()

@@ -325,3 +325,55 @@ def test_sensitivity_by_phantom_conspicuity_in_thirds():
     plain = evaluate.metric_table(evaluate.predictions_table(uncalibrated(scores.drop(columns=CONSPICUITY)), threshold),
                                   threshold, cfg, "toy")
     assert "conspicuity" not in set(plain["group"])
+
+
+def test_study_table_combines_a_visits_films():
+    films = pd.DataFrame({
+        "image_id": ["a1", "a2", "a3", "b1", "b2"], "patient_id": ["A", "A", "A", "B", "B"],
+        "study": [1, 1, 2, 1, 1], "split": "test", "y_true": [0, 1, 0, 0, 0],
+        "score": [0.2, 0.9, 0.3, 0.6, 0.4], "score_raw": [0.1, 0.8, 0.2, 0.5, 0.3]})
+    top = evaluate.study_table(films, "max").set_index("image_id")
+    assert top.loc[["A/1", "A/2", "B/1"], "score"].tolist() == [0.9, 0.3, 0.6]
+    assert top.loc[["A/1", "A/2", "B/1"], "y_true"].tolist() == [1, 0, 0]  # positive when any film is
+    assert top.loc[["A/1", "A/2", "B/1"], "films"].tolist() == [2, 1, 2]
+    mean = evaluate.study_table(films, "mean").set_index("image_id")
+    assert mean.loc["A/1", "score"] == pytest.approx(0.55) and mean.loc["B/1", "score_raw"] == pytest.approx(0.4)
+
+
+def test_study_level_metrics_use_their_own_validation_threshold():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for p in range(60):  # two studies per patient, two films each; one film of a positive study shows it
+        for study in (1, 2):
+            positive = rng.random() < 0.35
+            for film in range(2):
+                label = int(positive and film == 0)
+                rows.append({"image_id": f"{p}_{study}_{film}", "patient_id": f"p{p}", "study": study,
+                             "split": ("val", "test")[p % 2], "y_true": label,
+                             "score": float(np.clip(rng.normal(0.3 + 0.4 * label, 0.2), 0, 1))})
+    films = pd.DataFrame(rows).assign(score_raw=lambda f: f["score"])
+    cfg = eval_config()
+    table = evaluate.study_rows(films, cfg, "toy")
+    assert set(table["group"]) == {"study"} and set(table["subgroup"]) == {"max"}
+    studies = films.groupby(["patient_id", "study", "split"]).agg(y=("y_true", "max"), s=("score", "max"))
+    studies = studies.reset_index()
+    val, test = studies[studies["split"] == "val"], studies[studies["split"] == "test"]
+    expected = metrics.choose_threshold(val["y"], val["s"], "youden", 0.9, split="val")
+    rows = table.set_index(["split", "metric"])
+    assert rows.loc[("val", "threshold"), "value"] == expected
+    assert rows.loc[("test", "auroc"), "value"] == pytest.approx(roc_auc_score(test["y"], test["s"]))
+    called = test["s"] >= expected
+    assert rows.loc[("test", "sensitivity"), "value"] == pytest.approx(called[test["y"] == 1].mean())
+    assert rows.loc[("test", "accuracy"), "value"] == pytest.approx((called == (test["y"] == 1)).mean())
+    assert rows.loc[("test", "auroc"), "n"] == len(test) == 60
+    assert rows.loc[("test", "auroc"), "ci_low"] < rows.loc[("test", "auroc"), "value"] < rows.loc[
+        ("test", "auroc"), "ci_high"]
+    assert evaluate.study_rows(films, {**cfg, "study_score": "none"}, "toy").empty
+    assert evaluate.study_rows(films.drop(columns="study"), cfg, "toy").empty
+    # the whole stage: study rows in the table, not among the subgroups
+    evaluation = evaluate.evaluate_scores(films.drop(columns="score_raw").assign(
+        sh_type=pd.NA, age=10.0, sex="F", view="ap"), cfg, "toy")
+    assert (evaluation.table["group"] == "study").any()
+    assert "study" not in set(evaluate.subgroup_rows(evaluation.table)["group"])

@@ -171,3 +171,62 @@ def test_heatmap_cnn_learns_where_the_target_fracture_is(tmp_path, caplog):
     bar = test_boxes.iloc[1]
     assert heat.shape == (128, 64)
     assert heat[int(bar.y):int(bar.y + bar.h), int(bar.x):int(bar.x + bar.w)].mean() > heat.mean()
+
+
+BOX_SUPERVISABLE = sorted(name for name, plugin in __import__("physis.plugins", fromlist=["discover"]).discover().items()
+                          if "supervision" in plugin.spec.params)
+
+
+def test_the_keras_classifiers_take_box_supervision():
+    assert {"resnet50", "densenet169", "custom_cnn", "efficientnetv2", "convnext", "mobilenetv2"} <= set(
+        BOX_SUPERVISABLE)
+
+
+@pytest.mark.parametrize("name", BOX_SUPERVISABLE)
+def test_supervision_boxes_puts_a_map_head_on_the_backbone(name):
+    from physis import plugins
+    from physis.plugins import ModelConfig, PluginError
+
+    plugin = plugins.discover()[name]
+
+    def build(supervision):
+        params = {**plugin.spec.params, "supervision": supervision}
+        return plugin.hook("build")(ModelConfig(name, plugin.spec, (128, 64, 3), params))
+
+    assert heatmap.HEAT_LAYER not in [layer.name for layer in build("labels").layers]
+    model = build("boxes")
+    assert model.output_shape == (None, 1) and heatmap.grid_stride(model) > 1
+    with pytest.raises(PluginError, match="supervision must be one of labels, boxes"):
+        build("box")
+
+
+# the training and explanation code is shared by every plugin (physis.keras_models.classifier): a
+# thesis network and a keras.applications one stand for the rest, which take minutes each to train
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["custom_cnn", "mobilenetv2"])
+def test_a_box_supervised_classifier_trains_and_explains_with_its_map(name, tmp_path, caplog):
+    import keras
+
+    from physis import plugins, train
+    from physis.plugins import ModelConfig, TrainData
+
+    plugin = plugins.discover()[name]
+    split = {s: bar_films(tmp_path, count, seed) for s, count, seed in (("train", 8, 0), ("val", 4, 1))}
+    boxes = pd.concat([b for _, b in split.values()])
+    boxes = boxes[boxes["image_id"] != "s0_1"]  # a positive without its box: only the map trainer says so
+    params = {**plugin.spec.params, "epochs": 1, "batch_size": 4, "supervision": "boxes"}
+    cfg = ModelConfig(name, plugin.spec, (128, 64, 3), params, seed=0, work_dir=tmp_path / "model")
+    train.seed_everything(0)
+    model = plugin.hook("build")(cfg)
+    heat = model.get_layer(heatmap.HEAT_LAYER)
+    before = [w.copy() for w in heat.get_weights()]
+    data = TrainData(train=None, val=None, frames={s: split[s][0] for s in ("train", "val")}, boxes=boxes,
+                     class_weight={0: 1.0, 1: 1.0}, preset_dir=tmp_path)
+    plugin.hook("train")(model, data, cfg, train.callbacks("keras", cfg.work_dir, patience=2))
+    assert "1 positive train films have no fracture box" in caplog.text  # physis.heatmap.fit trained it
+    assert any(not np.allclose(a, b) for a, b in zip(before, heat.get_weights()))
+    assert "val_auroc" in pd.read_parquet(cfg.work_dir / "history.parquet")
+    film = np.asarray(Image.open(split["val"][0]["path"].iloc[1]), np.float32)[..., None].repeat(3, -1) / 255
+    np.testing.assert_array_equal(plugin.hook("explain")(model, film, cfg).heatmap,
+                                  heatmap.explain(model, film, cfg).heatmap)  # its own map, not Grad-CAM
+    keras.backend.clear_session()

@@ -19,7 +19,8 @@ from physis import config, phantom, plugins
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "config" / "grazpedwri.yaml"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-KERAS_APPLICATIONS = ("resnet50", "mobilenetv2", "mobilenetv2_stretch", "densenet169")
+KERAS_APPLICATIONS = ("resnet50", "mobilenetv2", "mobilenetv2_stretch", "densenet169", "efficientnetv2", "convnext",
+                      "resnet50_boxes", "densenet169_boxes", "efficientnetv2_boxes")
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ THESIS_NOTE = ("Thesis Table 5.1 accuracies come from a different data set (Graz
                "split and labels): shown for orientation only, not comparable with this run's numbers.")
 HEADLINE = ["auroc", "accuracy", "kappa", "sensitivity", "specificity", "ppv", "npv", "f1", "average_precision",
             "brier", "brier_raw", "ece", "ece_raw"]
+#: Study-level test metrics on the leaderboard (columns ``study_<metric>``; physis.evaluate.study_rows).
+STUDY_HEADLINE = ["auroc", "accuracy", "sensitivity", "specificity"]
 SUMMARY_FIELDS = ["plugin", "kind", "framework", "train_seconds", "params", "epochs_run", "best_epoch", "folds"]
 
 
@@ -66,6 +68,12 @@ def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], u
                      "verdict_reason": judged.reason, "hint": judged.hint}
         for name in HEADLINE:
             row[name], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = test.loc[name, ["value", "ci_low", "ci_high"]]
+        studies = table[(table["group"] == "study") & (table["split"] == "test")].set_index("metric")
+        for name in STUDY_HEADLINE if name in studies.index else []:
+            row[f"study_{name}"], row[f"study_{name}_ci_low"], row[f"study_{name}_ci_high"] = studies.loc[
+                name, ["value", "ci_low", "ci_high"]]
+        if "auroc" in studies.index:
+            row["n_test_studies"] = int(studies.loc["auroc", "n"])
         threshold = overall[overall["metric"] == "threshold"].iloc[0]
         row.update(threshold=threshold["value"], threshold_note=threshold["note"], n_test=int(test["n"].iloc[0]),
                    n_test_patients=int(test["n_patients"].iloc[0]), n_test_positive=int(test["n_positive"].iloc[0]))
@@ -88,8 +96,10 @@ def leaderboard(tables: Sequence[pd.DataFrame], summaries: Mapping[str, dict], u
 
 def _board_columns() -> list[str]:
     metric_columns = [f"{name}{suffix}" for name in HEADLINE for suffix in ("", "_ci_low", "_ci_high")]
+    study_columns = [f"study_{name}{suffix}" for name in STUDY_HEADLINE for suffix in ("", "_ci_low", "_ci_high")]
     return ["model", "status", "reason", "verdict", "verdict_reason", "hint", *metric_columns, "threshold",
-            "threshold_note", "n_test", "n_test_patients", "n_test_positive", *SUMMARY_FIELDS, "device"]
+            "threshold_note", "n_test", "n_test_patients", "n_test_positive", *study_columns, "n_test_studies",
+            *SUMMARY_FIELDS, "device"]
 
 
 def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
@@ -105,6 +115,10 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
         view[f"{labels[name]} ({ci})"] = [
             figures.format_ci(v, lo, hi) for v, lo, hi in board[[name, f"{name}_ci_low", f"{name}_ci_high"]].to_numpy()]
     view["Threshold (val)"] = board["threshold"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    studied = board["n_test_studies"].notna().any()
+    for name in STUDY_HEADLINE if studied else []:
+        view[f"Study {labels[name]} ({ci})"] = [figures.format_ci(v, lo, hi) for v, lo, hi in board[
+            [f"study_{name}", f"study_{name}_ci_low", f"study_{name}_ci_high"]].to_numpy()]
     view["Test films / patients / positives"] = [
         "–" if pd.isna(n) else f"{int(n)} / {int(p)} / {int(q)}"
         for n, p, q in board[["n_test", "n_test_patients", "n_test_positive"]].to_numpy()]
@@ -123,6 +137,10 @@ def leaderboard_html(board: pd.DataFrame, path: str | Path, ci: str) -> None:
              "probabilities. Average precision and the other metrics are in leaderboard.csv and each "
              "model's metrics table.",
              f"{ci}s: percentile bootstrap resampling patients, not films.", THESIS_NOTE]
+    if studied:
+        notes.insert(2, "Study columns: a study (one patient's films of one visit) scores the max or mean "
+                        "(evaluate.study_score) of its films' probabilities and is positive when any film is, "
+                        "with its own threshold chosen on the validation studies; n = test studies.")
     if cross_validated.any():
         notes.insert(2, "Cross-validated models: every train+val film was scored by the fold model that did not "
                         "train on it, and these pooled out-of-fold scores served as the validation split (threshold, "

@@ -1,7 +1,7 @@
 """Detection metrics: COCO AP50 and AP50:95 of the fracture class, computed by pycocotools.
 
 Detector plugins return boxes per image (:func:`boxes_table` turns them into the
-``results/predictions/{model}_boxes.parquet`` rows); :func:`coco_ap` scores such a table against
+``results/predictions/boxes/{model}.parquet`` rows); :func:`coco_ap` scores such a table against
 the ground-truth boxes with pycocotools' ``COCOeval`` (the reference implementation that the
 published GRAZPEDWRI-DX detectors report, e.g. YOLOv8's fracture AP50), never a hand-rolled mAP.
 Both tables use top-left x, y, width and height in the same pixel frame (preprocessed pixels for

@@ -37,11 +37,15 @@ log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ["image_id", "patient_id", "split", "y_true", "score", "score_raw", "y_pred", "sh_type", "age",
                       "sex", "view"]
+#: Columns a scores table may carry into the predictions: the phantom's truth, the study, the CV fold.
+OPTIONAL_PREDICTION_COLUMNS = [CONSPICUITY, "study", "fold"]
+#: The metrics reported per study (the ``study`` group of the metric table and the leaderboard's study columns).
+STUDY_METRICS = ["auroc", "accuracy", "kappa", "sensitivity", "specificity", "average_precision"]
 METRIC_COLUMNS = ["model", "split", "group", "subgroup", *metrics.ROW_COLUMNS]
 SPLITS = ("val", "test")
 SH_TYPES = {1: "SH I", 2: "SH II", 3: "SH III", 4: "SH IV"}
 GROUP_LABELS = {"overall": "All films", "sh_type": "Salter-Harris type", "age": "Age band", "sex": "Sex",
-                "view": "View", "conspicuity": "Fracture displacement (phantom truth)"}
+                "view": "View", "conspicuity": "Fracture displacement (phantom truth)", "study": "Study level"}
 #: The calibration metrics also reported on the raw scores, as ``<name>_raw`` rows.
 CALIBRATION_METRICS = ("brier", "ece")
 RAW_LABELS = {f"{name}_raw": f"{metrics.METRICS[name]} before calibration" for name in CALIBRATION_METRICS}
@@ -92,7 +96,7 @@ def predictions_table(scores: pd.DataFrame, threshold: Threshold) -> pd.DataFram
     if missing:
         raise EvaluateError(f"scores table lacks column(s) {', '.join(missing)}")
     out = scores.assign(y_pred=(scores["score"] >= threshold.value).astype(int))
-    optional = [c for c in (CONSPICUITY, "fold") if c in out]  # phantom truth; cross-validation's fold
+    optional = [c for c in OPTIONAL_PREDICTION_COLUMNS if c in out]
     return out[PREDICTION_COLUMNS + optional].reset_index(drop=True)
 
 
@@ -178,6 +182,39 @@ def metric_table(predictions: pd.DataFrame, threshold: Threshold, cfg: dict, mod
     return table[METRIC_COLUMNS]
 
 
+def study_table(predictions: pd.DataFrame, how: str) -> pd.DataFrame:
+    """One row per study (patient and study number): its score the ``how`` (max | mean) of its films'
+    calibrated probabilities (and of their raw scores), positive when any of its films is. A study's
+    films share a patient and so a split; ``image_id`` becomes ``<patient_id>/<study>``."""
+    grouped = predictions.groupby(["patient_id", "study", "split"], sort=True)
+    studies = grouped.agg(y_true=("y_true", "max"), score=("score", how), score_raw=("score_raw", how),
+                          films=("image_id", "size")).reset_index()
+    return studies.assign(image_id=studies["patient_id"].astype(str) + "/" + studies["study"].astype(str))
+
+
+def study_rows(predictions: pd.DataFrame, cfg: dict, model: str) -> pd.DataFrame:
+    """Study-level metric rows (group ``study``): the threshold chosen on the validation studies, val and
+    test metrics with patient-bootstrap CIs; empty when ``study_score`` is none or the data has no studies."""
+    how = cfg["study_score"]
+    if how == "none" or "study" not in predictions or predictions["study"].isna().all():
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    studies = study_table(predictions.dropna(subset=["study"]), how)
+    threshold = pick_threshold(studies, cfg)
+    options = {"level": cfg["ci_level"], "max_skipped": cfg["max_skipped"], "ece_bins": cfg["ece_bins"]}
+    parts = []
+    for split in SPLITS:
+        rows = studies[studies["split"] == split].assign(y_pred=lambda f: (f["score"] >= threshold.value).astype(int))
+        parts.append(metrics.score_rows(rows, _weights(rows, cfg, split, "study"), STUDY_METRICS, **options)
+                     .assign(split=split))
+    val = studies[studies["split"] == "val"]
+    parts.append(pd.DataFrame([{
+        "metric": "threshold", "value": threshold.value, "split": "val", "n": len(val),
+        "n_patients": val["patient_id"].nunique(), "n_positive": int(val["y_true"].sum()), "replicates": 0,
+        "skipped": 0, "note": threshold.note or f"chosen on the validation studies by rule '{threshold.rule}'"}]))
+    # subgroup: how the films' scores were combined; n: studies
+    return pd.concat(parts, ignore_index=True).assign(model=model, group="study", subgroup=how)[METRIC_COLUMNS]
+
+
 def overall_html(table: pd.DataFrame, threshold: Threshold, calibrator: calibration.Calibrator, path: str | Path,
                  model: str, ci: str) -> None:
     """Overall metrics, validation next to test, as an HTML table for the report (``ci``: "95% CI")."""
@@ -188,12 +225,24 @@ def overall_html(table: pd.DataFrame, threshold: Threshold, calibrator: calibrat
         rows = overall[overall["split"] == split].set_index("metric").reindex(list(labels))
         frame[f"{label} ({ci})"] = [figures.format_ci(r.value, r.ci_low, r.ci_high) for r in rows.itertuples()]
         frame[f"{label} note"] = rows["note"].fillna("").to_numpy()
+    studies = table[(table["group"] == "study") & (table["metric"] != "threshold")]
+    for metric in STUDY_METRICS if len(studies) else []:
+        row = {"Metric": f"Study level: {metrics.METRICS[metric]}"}
+        for split, label in (("val", "Validation"), ("test", "Test")):
+            cell = studies[(studies["split"] == split) & (studies["metric"] == metric)].iloc[0]
+            row[f"{label} ({ci})"] = figures.format_ci(cell.value, cell.ci_low, cell.ci_high)
+            row[f"{label} note"] = f"{int(cell.n)} studies" + (f"; {cell.note}" if cell.note else "")
+        frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
     counts = overall.groupby("split")[["n", "n_patients", "n_positive"]].first()
     intro = (f"Probabilities: {calibrator.describe()}. Threshold {threshold.value:.3f} ({threshold.rule}), chosen "
              "on the calibrated validation probabilities and applied unchanged to test. " + "; ".join(
                  f"{s}: {int(c.n)} films, {int(c.n_patients)} patients, {int(c.n_positive)} positive films"
                  for s, c in counts.iterrows()) + ".")
     notes = [threshold.note] if threshold.note else []
+    if len(studies):
+        notes.append(f"Study level: a study is one patient's films of one visit; its probability is the "
+                     f"{studies['subgroup'].iloc[0]} of its films' and it is positive when any film is; its own "
+                     "threshold was chosen on the validation studies.")
     notes += [f"{ci}s: percentile bootstrap resampling patients, not films.",
               "Validation Brier score and ECE after calibration are in-sample (the calibrator was fitted on "
               "those films); the test values are the honest ones."]
@@ -202,7 +251,7 @@ def overall_html(table: pd.DataFrame, threshold: Threshold, calibrator: calibrat
 
 def subgroup_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Test subgroup rows (one per subgroup and metric) with the labels the report shows."""
-    rows = table[(table["split"] == "test") & (table["group"] != "overall")].copy()
+    rows = table[(table["split"] == "test") & ~table["group"].isin(["overall", "study"])].copy()
     rows["Group"] = rows["group"].map(GROUP_LABELS)
     rows["Metric"] = rows["metric"].map(metrics.METRICS)
     return rows
@@ -297,7 +346,10 @@ def evaluate_scores(scores: pd.DataFrame, cfg: dict, model: str) -> Evaluation:
     calibrated = calibration.calibrate(scores, calibrator)
     threshold = pick_threshold(calibrated, cfg)
     predictions = predictions_table(calibrated, threshold)
-    return Evaluation(calibrator, threshold, predictions, metric_table(predictions, threshold, cfg, model))
+    table, studies = metric_table(predictions, threshold, cfg, model), study_rows(predictions, cfg, model)
+    if len(studies):
+        table = pd.concat([table, studies], ignore_index=True)
+    return Evaluation(calibrator, threshold, predictions, table)
 
 
 def evaluate_model(scores_path: str | Path, outputs: Mapping[str, str], cfg: dict, model: str,

@@ -10,7 +10,9 @@ unchanged) and its explanation is its own map. After Li et al., "Thoracic Diseas
 Localization with Limited Supervision", CVPR 2018.
 
 A plugin builds a model whose output ``score`` is the global maximum of a sigmoid map layer named
-:data:`HEAT_LAYER`; :func:`fit` is its ``train`` hook and :func:`explain` its ``explain`` hook.
+:data:`HEAT_LAYER` (:func:`map_head` puts one on any backbone's last feature map); :func:`fit` is its
+``train`` hook and :func:`explain` its ``explain`` hook. The Keras classifier plugins take the
+parameter ``supervision: boxes`` to become such a model (:func:`physis.keras_models.classifier`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,30 @@ log = logging.getLogger(__name__)
 
 HEAT_LAYER = "head_heat"
 BOX_CLASS = "fracture"
+#: The loss weights of a plugin without ``heat_weight`` / ``cell_weight`` parameters (heatmap_cnn's defaults).
+HEAT_WEIGHT, CELL_WEIGHT = 10.0, 20.0
+#: What trains a Keras classifier (its ``supervision`` parameter): one label per film, or the fracture boxes.
+SUPERVISION = ("labels", "boxes")
+
+
+def box_supervised(cfg: ModelConfig) -> bool:
+    """Whether the model's ``supervision`` parameter asks for the box-supervised map head."""
+    value = cfg.params.get("supervision", "labels")
+    if value not in SUPERVISION:
+        raise registry.PluginError(f"model {cfg.name!r}: supervision must be one of {', '.join(SUPERVISION)}, "
+                                   f"got {value!r}")
+    return value == "boxes"
+
+
+def map_head(inputs, features, name: str):
+    """A model scoring films by the maximum of a 1×1-convolution sigmoid map on ``features`` (a 4-D
+    feature map of ``inputs``): the head that :func:`fit` trains on the boxes."""
+    import keras
+    from keras import layers
+
+    heat = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=HEAT_LAYER)(features)
+    score = layers.Reshape((1,), name="head_score")(layers.GlobalMaxPooling2D(name="head_pool")(heat))
+    return keras.Model(inputs, score, name=name)
 
 
 def grid_stride(model) -> int:
@@ -106,7 +132,8 @@ def fit(model, data: TrainData, cfg: ModelConfig, callbacks_: list) -> None:
     with model.distribute_strategy.scope():
         trainer = keras.Model(model.inputs, model.get_layer(HEAT_LAYER).output, name=f"{model.name}_map")
         trainer.compile(optimizer=keras.optimizers.Adam(float(params["learning_rate"])),
-                        loss=loss(data.class_weight, float(params["heat_weight"]), float(params["cell_weight"])),
+                        loss=loss(data.class_weight, float(params.get("heat_weight", HEAT_WEIGHT)),
+                                  float(params.get("cell_weight", CELL_WEIGHT))),
                         metrics=_metrics())
     # the trainer shares every layer (and so every weight) with ``model``: the framework's
     # checkpoints of the trainer restore into the saved one-output model

@@ -8,6 +8,7 @@ classification head; everything else is the backbone (frozen in the first fine-t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from physis.plugins import Explanation, ModelConfig, PluginError
@@ -96,6 +97,18 @@ def binary_head(inputs, features, name: str, outputs: int = 1):
     return keras.Model(inputs, score, name=name)
 
 
+def classifier(inputs, feature_map, cfg: ModelConfig, name: str, head: Callable, outputs: int = 1):
+    """The plugin's network: ``head`` (its pooling/flatten layers) and :func:`binary_head` on the backbone's
+    last ``feature_map``, or with the parameter ``supervision: boxes`` the box-supervised map head of
+    :mod:`physis.heatmap` on the same feature map (trained by :func:`physis.train.fit_classifier`, explained
+    by :func:`explain_gradcam`, both of which then hand over to :mod:`physis.heatmap`)."""
+    from physis import heatmap
+
+    if heatmap.box_supervised(cfg):
+        return heatmap.map_head(inputs, feature_map, f"{name}_boxes")
+    return binary_head(inputs, head(feature_map), name, outputs)
+
+
 def predict_classifier(model, data, cfg: ModelConfig) -> np.ndarray:
     """Fracture probability per image: the model's single sigmoid output."""
     import numpy as np
@@ -104,7 +117,11 @@ def predict_classifier(model, data, cfg: ModelConfig) -> np.ndarray:
 
 
 def explain_gradcam(model, image, cfg: ModelConfig) -> Explanation:
-    """Grad-CAM heat map of the fracture score over one preprocessed image."""
+    """Grad-CAM heat map of the fracture score over one preprocessed image; a box-supervised model's own map."""
+    from physis import heatmap
     from physis.explain import gradcam
+
+    if heatmap.box_supervised(cfg):
+        return heatmap.explain(model, image, cfg)
 
     return Explanation(heatmap=gradcam(model, image))

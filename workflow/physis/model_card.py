@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from physis import figures, metrics, verdict
-from physis.evaluate import GROUP_LABELS, Evaluation, subgroup_rows
+from physis.evaluate import GROUP_LABELS, STUDY_METRICS, Evaluation, subgroup_rows
 
 Row = tuple[str, str, str]  # section, field, value
 NOT_RECORDED = "not recorded"
@@ -73,6 +73,13 @@ def metric_rows(evaluation: Evaluation, ci: str) -> Iterator[Row]:
     threshold = evaluation.threshold
     yield section, "Threshold", (f"{threshold.value:.3f} ({threshold.rule}), chosen on the calibrated validation "
                                  "probabilities" + (f"; {threshold.note}" if threshold.note else ""))
+    table = evaluation.table
+    studies = table[(table["group"] == "study") & (table["split"] == "test")].set_index("metric")
+    for name in STUDY_METRICS:
+        if name in studies.index:
+            yield section, f"Study level: {metrics.METRICS[name]}", (
+                f"{_value(studies.loc[name])} ({int(studies.loc[name, 'n'])} studies; {studies.loc[name, 'subgroup']} "
+                "of the films' probabilities, own threshold chosen on the validation studies)")
 
 
 def calibration_rows(evaluation: Evaluation) -> Iterator[Row]:

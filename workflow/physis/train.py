@@ -248,14 +248,20 @@ def fit_classifier(model, data: TrainData, cfg: ModelConfig, callbacks_: list, *
                    initialize: Callable[[], None] | None = None) -> None:
     """Compile and fit a binary classifier (weighted BCE, AUROC/accuracy metrics).
 
-    Usable directly as a plugin's ``train`` hook. ``initialize`` loads initial weights that the
-    build does not (a Model Garden ``init_checkpoint``), on a fresh start only. With pretrained
-    weights it follows the thesis's two phases: ``frozen_epochs`` with the ``backbone`` layers
+    Usable directly as a plugin's ``train`` hook; a model with ``supervision: boxes`` is trained on the
+    fracture boxes by :func:`physis.heatmap.fit` instead (from its initial weights, no frozen phase).
+    ``initialize`` loads initial weights that the build does not (a Model Garden ``init_checkpoint``), on
+    a fresh start only. With pretrained weights it follows the thesis's two phases: ``frozen_epochs`` with the ``backbone`` layers
     frozen (default: every layer not named ``head_*``), then fine-tuning at ``learning_rate *
     finetune_lr_factor``. The weights at the end of the frozen phase are kept, so a job resumed
     after it continues from them, not from the initial weights. Works for Keras 3 and tf_keras
     models alike.
     """
+    from physis import heatmap
+
+    if heatmap.box_supervised(cfg):  # supervision: boxes (physis.keras_models.classifier built the map head)
+        heatmap.fit(model, data, cfg, callbacks_)
+        return
     k = _keras_module(cfg.spec.framework)
     params = cfg.params
     epochs = int(params["epochs"])

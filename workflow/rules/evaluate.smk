@@ -5,8 +5,8 @@ rule predict:
         index=lambda w: f"{RESULTS}/preprocess/{model_preset(w.model)}/index.parquet",
     output:
         scores=f"{RESULTS}/scores/{{model}}.parquet",
-        boxes=f"{RESULTS}/predictions/{{model}}_boxes.parquet",
-        detection=f"{RESULTS}/metrics/{{model}}_detection.parquet",
+        boxes=f"{RESULTS}/predictions/boxes/{{model}}.parquet",
+        detection=f"{RESULTS}/metrics/detection/{{model}}.parquet",
     params:
         detects=lambda w: model_plugin(w.model).hook("predict_boxes") is not None,
     log:
@@ -50,7 +50,7 @@ rule evaluate:
     input:
         scores=f"{RESULTS}/scores/{{model}}.parquet",
         detection=lambda w: (
-            [] if w.model in ENSEMBLES else f"{RESULTS}/metrics/{w.model}_detection.parquet"
+            [] if w.model in ENSEMBLES else f"{RESULTS}/metrics/detection/{w.model}.parquet"
         ),
         summary=lambda w: SUMMARIES[w.model],
         data=f"{DATA}/summary.json",
