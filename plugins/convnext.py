@@ -3,7 +3,7 @@ the thesis. Global average pooling, layer normalisation and one sigmoid unit, as
 ``supervision: boxes`` trains a map head on the fracture boxes instead (physis.heatmap).
 """
 
-from physis.keras_models import classifier, explain_gradcam, predict_classifier, pretrained_backbone
+from physis.keras_models import classifier, explain_gradcam, predict_classifier, pretrained_backbone, scaled_input
 from physis.plugins import ModelSpec, Resources
 from physis.train import fit_classifier
 
@@ -30,9 +30,7 @@ SPEC = ModelSpec(
 def build(cfg):
     import keras
 
-    # the network normalises [0, 255] inputs itself (include_preprocessing): give it pixels, not [0, 1]
-    inputs = keras.Input(shape=cfg.input_shape, name="image")
-    pixels = keras.layers.Rescaling(255.0, name="to_pixels")(inputs)
+    inputs, pixels = scaled_input(cfg, "pixels")
     base = pretrained_backbone(keras.applications.ConvNeXtTiny, cfg, input_tensor=pixels)
 
     def head(features):

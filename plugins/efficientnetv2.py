@@ -30,9 +30,7 @@ SPEC = ModelSpec(
 def build(cfg):
     import keras
 
-    # the network rescales [0, 255] inputs itself (include_preprocessing): give it pixels, not [0, 1]
-    inputs = keras.Input(shape=cfg.input_shape, name="image")
-    pixels = keras.layers.Rescaling(255.0, name="to_pixels")(inputs)
+    inputs, pixels = scaled_input(cfg, "pixels")
     base = pretrained_backbone(keras.applications.EfficientNetV2B0, cfg, input_tensor=pixels)
     return classifier(inputs, base.output, cfg, "efficientnetv2",
                       keras.layers.GlobalAveragePooling2D(name="head_pool"))

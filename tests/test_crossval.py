@@ -187,3 +187,20 @@ def test_the_report_says_validation_is_out_of_fold(cross_validated):
     card = (cross_validated / "figures" / "custom_cnn" / "model_card.html").read_text()
     assert "Cross-validation" in card and "pooled out-of-fold" in card
     assert (cross_validated / "figures" / "custom_cnn" / "gallery.png").is_file()
+
+
+@pytest.mark.slow
+def test_physis_predict_scores_with_the_fold_models_mean(cross_validated):
+    from physis.images import read_gray
+    from physis.inference import Predictor, find_films
+
+    film = sorted((cross_validated.parent / "phantom").glob("images_part*/*.png"))[0]
+    model = cross_validated / "models" / "custom_cnn"
+    both = Predictor(model)
+    prepared = both.prepare(read_gray(film))
+    folds = [Predictor(model / f"fold{k}").raw_scores([prepared])[0] for k in (0, 1)]
+    assert both.raw_scores([prepared])[0] == pytest.approx(np.mean(folds), abs=1e-7)
+    assert folds[0] != folds[1]  # two different networks
+    result = next(both.score(find_films([film])))
+    assert result.calibrated and result.raw_score == pytest.approx(np.mean(folds), abs=1e-7)
+    assert result.threshold == json.loads((model / "calibration.json").read_text())["threshold"]["value"]

@@ -21,6 +21,7 @@ _IMAGENET_SCALING = {
     "caffe": (255.0, [-103.939, -116.779, -123.68]),  # ResNet50: BGR means (grey: channel order moot)
     "tf": (2.0, -1.0),  # MobileNetV2: [-1, 1]
     "torch": ([1 / 0.229, 1 / 0.224, 1 / 0.225], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]),  # DenseNet
+    "pixels": (255.0, 0.0),  # EfficientNetV2, ConvNeXt: [0, 255], the network normalises itself
 }
 
 
