@@ -15,6 +15,7 @@
 #   scores/{model}.parquet, predictions/{model}.parquet, metrics/{model}.parquet  (predict, evaluate)
 #   figures/{model}/, figures/data/, figures/comparison/                          (evaluate, aggregate)
 #   leaderboard.parquet|csv|html, comparisons.parquet|html                        (aggregate)
+#   exports/{model}/      SavedModel (+ model.onnx), recipe, calibration, metadata (export_all)
 #   logs/, benchmarks/    one log and one runtime/memory record per job
 # Relative paths in the config (results, dataset.root) are relative to the working directory;
 # plugin_dirs, scripts, envs and schemas are relative to this folder (so `module` use works too).
@@ -34,6 +35,7 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/aggregate.smk"
 
 

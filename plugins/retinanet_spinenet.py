@@ -42,4 +42,4 @@ SPEC = ModelSpec(
 )
 
 
-build, train, predict, predict_boxes, explain = detector_hooks(FAMILY)
+build, train, predict, predict_boxes, explain, serving = detector_hooks(FAMILY)

@@ -88,3 +88,10 @@ def explain(model, image, cfg) -> Explanation:
     from physis import garden
 
     return garden.explain_two_stage(model, image, cfg)
+
+
+def serving(model, cfg):
+    """Stage 1 → crops → stage 2 with TF ops, for ``physis export``."""
+    from physis import garden
+
+    return garden.two_stage_serving(model, cfg)

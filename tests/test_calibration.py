@@ -12,7 +12,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import brier_score_loss, roc_auc_score
 from test_evaluate import eval_config, synthetic_scores
 
-from physis import calibration, cli, evaluate, inference
+from physis import calibration, evaluate, inference
 
 
 def overconfident(patients: int = 120, seed: int = 0) -> pd.DataFrame:
@@ -98,7 +98,9 @@ def test_no_calibration_where_it_would_erase_the_ranking(method):
     assert "not calibrated" in one_class.describe()
 
 
-def test_saved_calibrator_is_what_physis_predict_applies(tmp_path, monkeypatch, capsys):
+def test_saved_calibrator_is_what_physis_predict_applies(tmp_path, monkeypatch):
+    """Through inference.Predictor.calibration, which ``physis predict`` applies too (on a trained model:
+    tests/test_predict_cli.py)."""
     scores = overconfident()
     evaluation = evaluate.evaluate_scores(scores, eval_config(bootstrap=0), "toy")
     calibration.save(evaluation.calibrator, {"value": evaluation.threshold.value, "rule": "youden", "note": ""},
@@ -106,18 +108,15 @@ def test_saved_calibrator_is_what_physis_predict_applies(tmp_path, monkeypatch, 
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert saved["method"] == "platt" and set(saved["params"]) == {"a", "b"} and saved["fitted_on"] == "val"
     monkeypatch.setattr(inference, "predict_file", lambda path, model_dir: 0.985)
-    assert cli.main(["predict", "film.png", "--model", str(tmp_path), "--json"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    result = inference.predict_probability("film.png", tmp_path)
     expected = float(evaluation.calibrator([0.985])[0])
-    assert printed["fracture_probability"] == pytest.approx(expected) and printed["raw_score"] == 0.985
-    assert printed["calibrated"] is True and printed["calibration"].startswith("Platt scaling fitted on 120")
-    assert printed["threshold"] == evaluation.threshold.value
-    assert printed["positive"] == (expected >= printed["threshold"])
-    assert cli.main(["predict", "film.png", "--model", str(tmp_path)]) == 0
-    assert f"fracture probability {expected:.3f}" in capsys.readouterr().out
+    assert result.probability == pytest.approx(expected) and result.raw == 0.985
+    assert result.calibrated is True and result.calibration.startswith("Platt scaling fitted on 120")
+    assert result.threshold["value"] == evaluation.threshold.value
     (tmp_path / "calibration.json").unlink()  # trained, not yet evaluated: the raw score, said to be uncalibrated
-    assert cli.main(["predict", "film.png", "--model", str(tmp_path)]) == 0
-    assert "fracture probability 0.985" in (out := capsys.readouterr().out) and "not calibrated" in out
+    result = inference.predict_probability("film.png", tmp_path)
+    assert (result.probability, result.calibrated, result.threshold) == (0.985, False, None)
+    assert "not calibrated" in result.calibration
 
 
 def test_predict_refuses_an_ensemble_folder(tmp_path):

@@ -204,3 +204,23 @@ def test_physis_predict_scores_with_the_fold_models_mean(cross_validated):
     result = next(both.score(find_films([film])))
     assert result.calibrated and result.raw_score == pytest.approx(np.mean(folds), abs=1e-7)
     assert result.threshold == json.loads((model / "calibration.json").read_text())["threshold"]["value"]
+
+
+@pytest.mark.slow
+def test_the_export_is_the_fold_ensemble(cross_validated, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from physis import pipeline
+    from physis.serving import export
+
+    model = cross_validated / "models" / "custom_cnn"
+    metadata = export(model, tmp_path / "export")
+    assert metadata["folds"] == 2 and "fold ensemble" in (tmp_path / "export" / "README.md").read_text()
+    index = pd.read_parquet(cross_validated / "preprocess" / "tiny_128x64" / "index.parquet").head(8)
+    images = np.concatenate([np.asarray(b) for b in pipeline.film_images(index.assign(label=0), 3, 8)])
+    folds = [keras.models.load_model(model / f"fold{k}" / "model.keras").predict(images, verbose=0)[:, 0]
+             for k in (0, 1)]
+    served = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
+    out = served(images=tf.constant(images))
+    np.testing.assert_allclose(out["score"].numpy(), (folds[0] + folds[1]) / 2, atol=1e-5)

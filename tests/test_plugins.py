@@ -1,6 +1,7 @@
 """Every registered plugin — including one a user drops in later — gets these tests with no new
 test code: the contract, a tiny CPU build + one training epoch through its own ``train`` hook +
-``predict``, and the built network's real input/output shapes against its declared metadata.
+``predict``, the built network's real input/output shapes against its declared metadata, and its
+export (``physis export``) scoring as ``predict`` does.
 """
 
 import json
@@ -108,7 +109,37 @@ def test_tiny_build_train_predict(name, tiny_set, tmp_path):
     reloaded = train.load_model(plugin, cfg)
     again = np.asarray(plugin.hook("predict")(reloaded, PredictData(images, frame, boxes, folder), cfg))
     np.testing.assert_allclose(again, scores, atol=1e-5)
+    check_export(plugin, reloaded, cfg, PredictData(images, frame, boxes, folder), again, tmp_path / "export")
     tf.keras.backend.clear_session()
+
+
+def check_export(plugin, model, cfg, data, scores, folder):
+    """The exported SavedModel (and a Keras classifier's ONNX file) scores the same batches as the predict
+    hook did, and a detector's boxes are its ``predict_boxes``; uncalibrated, probability = score."""
+    import tensorflow as tf
+
+    from physis import serving
+
+    onnx = cfg.spec.framework == "keras"
+    serving.save_serving(plugin, model, cfg, folder, onnx=onnx)
+    serve = tf.saved_model.load(str(folder / serving.SAVED_MODEL)).signatures[serving.SIGNATURE]
+    batches = [{key: value.numpy() for key, value in serve(images=batch).items()} for batch in data.images]
+    out = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+    np.testing.assert_allclose(out["score"], scores, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(out["probability"], out["score"])
+    if plugin.hook("predict_boxes") is not None:
+        for found, boxes, count in zip(plugin.hook("predict_boxes")(model, data, cfg), out["boxes"], out["num_boxes"]):
+            assert count == len(found)
+            np.testing.assert_allclose(boxes[:count], found, atol=1e-3, rtol=0)
+            assert not boxes[count:].any()
+    if onnx:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(folder / serving.ONNX_FILE), providers=["CPUExecutionProvider"])
+        films = np.concatenate(list(data.images.as_numpy_iterator()))
+        probability, score = session.run(["probability", "score"], {serving.INPUT: films})
+        np.testing.assert_allclose(score, scores, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(probability, scores, atol=1e-4, rtol=0)
 
 
 def write_plugin(folder: Path, name: str, body: str) -> Path:

@@ -202,10 +202,15 @@ def test_predict_on_something_that_is_no_film_is_one_line_and_exit_2(tmp_path, c
     fake_png.write_text("not a png either\n")
     plan = get_testdata_file("rtplan.dcm")
     ct = get_testdata_file("CT_small.dcm")
-    cases = {text: "neither an image (PNG, JPEG, TIFF) nor a readable DICOM file", tmp_path: "is a folder, not a film",
+    cases = {text: "neither an image (PNG, JPEG, TIFF) nor a readable DICOM file",
              fake_png: "unreadable image", Path(plan): "no image: the DICOM file (RT Plan Storage) has no pixel data",
              Path(ct): "not a radiograph: modality CT", tmp_path / "missing.dcm": "no such file"}
     for path, reason in cases.items():
         assert main(["predict", str(path), "--model", str(tmp_path / "model")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"physis: error: {path}") and reason in err, err
+    # a folder is searched: one line per file that is no film, and nothing scored is exit 2 as well
+    assert main(["predict", str(tmp_path), "--model", str(tmp_path / "model")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"physis: error: {fake_png}: unreadable image (cannot identify image file '{fake_png}')",
+        f"physis: error: {text}: neither an image (PNG, JPEG, TIFF) nor a DICOM file"]

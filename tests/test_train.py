@@ -136,7 +136,7 @@ def test_predict_cli_replays_the_recipe(prepared, tmp_path):
                           str(results / "models" / "custom_cnn"), "--json"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    score = json.loads(out.stdout.strip().splitlines()[-1])["fracture_probability"]
+    score = json.loads(out.stdout.strip().splitlines()[-1])["films"][0]["score"]
     expected = predictions(results).set_index("image_id").loc[film.image_id, "score"]
     assert score == pytest.approx(expected, abs=2e-3)  # same preprocessing → same score (PNG rounding only)
 

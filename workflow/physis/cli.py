@@ -2,9 +2,12 @@
 
 ``physis plugins [--json] [--params]`` lists the registered model plugins like ``timm.list_models``
 (parameter counts from a cache; ``--params`` builds every network to count them);
-``physis predict FILE --model results/models/NAME [--json]`` prints a fracture probability, calibrated
-with the calibrator the evaluate stage saved in the model folder.
+``physis predict FILM_OR_FOLDER... --model results/models/NAME [--csv FILE] [--json] [--overlay DIR]`` scores
+films in batches: fracture probabilities calibrated with the calibrator the evaluate stage saved in the
+model folder, and the decision at its validation-chosen threshold.
 ``physis fetch grazpedwri DIR`` downloads, verifies and unpacks GRAZPEDWRI-DX from figshare.
+``physis export --model results/models/NAME --out DIR [--onnx]`` writes the model as a TensorFlow SavedModel
+(and ONNX) with its recipe, calibrator and threshold, for use without physis.
 """
 
 from __future__ import annotations
@@ -73,24 +76,45 @@ def _plugins(args) -> int:
 
 
 def _predict(args) -> int:
-    from physis.inference import predict_probability
+    """Score the films; one stderr line per skipped input. Exit status: see ``physis predict --help``."""
+    from dataclasses import asdict
 
-    result = predict_probability(args.image, args.model)
-    threshold = result.threshold["value"] if result.threshold else None
-    positive = None if threshold is None else result.probability >= threshold
-    if args.json:
-        print(json.dumps({"image": str(args.image), "model": str(args.model),
-                          "fracture_probability": result.probability, "calibrated": result.calibrated,
-                          "calibration": result.calibration, "raw_score": result.raw, "threshold": threshold,
-                          "positive": positive}))
-        return 0
-    text = (f"{args.image}: fracture probability {result.probability:.3f} ({Path(args.model).name}; "
-            f"{'calibrated: ' if result.calibrated else ''}{result.calibration}; raw model score {result.raw:.3f})")
-    if threshold is not None:
-        text += (f"; {'at or above' if positive else 'below'} the operating threshold {threshold:.3f} chosen on "
-                 "the validation split")
-    print(text)
-    return 0
+    import pandas as pd
+
+    from physis.inference import Predictor, find_films
+    from physis.io import write_json
+
+    inputs = find_films(args.inputs)
+    if not inputs:
+        raise ValueError(f"no files in {', '.join(map(str, args.inputs))}")
+    predictor = Predictor(args.model)
+    calibrator, _ = predictor.calibration
+    as_text = not (args.csv or args.json or args.json_out)
+    results = []
+    for result in predictor.score(inputs, args.batch_size, args.overlay):
+        results.append(result)
+        if result.error:
+            print(f"physis: error: {result.film}: {result.error}", file=sys.stderr)
+        elif as_text:
+            text = (f"{result.film}: fracture probability {result.score:.3f} ({args.model.name}; "
+                    f"{'calibrated: ' if result.calibrated else ''}{calibrator.describe()}; "
+                    f"raw model score {result.raw_score:.3f})")
+            if result.threshold is not None:
+                text += (f"; {'at or above' if result.positive else 'below'} the operating threshold "
+                         f"{result.threshold:.3f} chosen on the validation split")
+            print(text)
+    if args.csv:
+        pd.DataFrame([asdict(result) for result in results]).to_csv(args.csv, index=False)
+    if args.json or args.json_out:
+        document = {"calibration": calibrator.describe(),
+                    "films": [{k: v for k, v in asdict(r).items() if k != "error"} for r in results if not r.error],
+                    "skipped": [{"film": r.film, "error": r.error} for r in results if r.error]}
+        if args.json_out:
+            write_json(document, args.json_out)
+        if args.json:
+            print(json.dumps(document))
+    scored = sum(not result.error for result in results)
+    return 0 if scored == len(results) else 1 if scored else 2
 
 
 def _phantom(args) -> int:
@@ -129,6 +153,17 @@ def _fetch(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from physis.serving import export
+
+    metadata = export(args.model, args.out, onnx=args.onnx)
+    threshold = metadata["threshold"]
+    print(f"{args.out}: {metadata['model']} exported ({', '.join(metadata['files'])}); probabilities: "
+          f"{metadata['calibration']['description']}; "
+          + (f"threshold {threshold['value']:.3f} ({threshold['rule']})" if threshold else "no threshold"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="physis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,10 +176,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file for the preset sizes (default: config/config.yaml)")
     p.set_defaults(func=_plugins)
 
-    p = sub.add_parser("predict", help="fracture probability of one image or DICOM file")
-    p.add_argument("image", type=Path)
+    p = sub.add_parser(
+        "predict", help="fracture probability of films: image or DICOM files, folders",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score films with a trained model folder, loaded once; films go through the network in batches.\n"
+                    "Folders are searched recursively for PNG, JPEG and TIFF files and DICOM files (by their\n"
+                    "preamble, whatever their name); hidden files are left out. Each film is preprocessed with\n"
+                    "the model's recipe (recipe.json), its score calibrated with the model's calibration.json and\n"
+                    "compared with the operating threshold chosen on validation. Per film (CSV row, JSON entry):\n"
+                    "film, score (calibrated probability), raw_score, positive (score >= threshold), threshold,\n"
+                    "calibrated, model, recipe_hash, overlay, error. An input that is no readable film is skipped:\n"
+                    "one stderr line 'physis: error: FILM: reason', a CSV row with only film and error, an entry\n"
+                    "of the JSON's skipped list. Without --csv, --json or --json-out, one line per film on stdout.\n"
+                    "DICOM header values never reach the outputs.",
+        epilog="exit status: 0 every input scored; 1 some inputs skipped, the others scored; 2 nothing scored\n"
+               "(every input skipped) or a usage error (no such file or folder, unusable model folder)")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="FILM_OR_FOLDER",
+                   help="image (PNG, JPEG, TIFF) or DICOM files, folders of them")
     p.add_argument("--model", required=True, type=Path, help="a trained model folder: results/models/<name>")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="write one row per input to FILE")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document to stdout: calibration, films, skipped (instead of text lines)")
+    p.add_argument("--json-out", type=Path, metavar="FILE", help="write that JSON document to FILE")
+    p.add_argument("--overlay", type=Path, metavar="DIR",
+                   help="write each scored film as the model saw it (8-bit PNG) with the model's explanation (heat "
+                        "map or boxes) and its score and decision to DIR, named after the film")
+    p.add_argument("--batch-size", type=int, default=16, help="films per network batch (default: 16)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("phantom", help="write the procedural phantom data set (GRAZPEDWRI-DX layout)")
@@ -166,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api", help="figshare API base URL (default: figshare's public API)")
     p.add_argument("--article", type=int, help="figshare article id (default: the GRAZPEDWRI-DX release)")
     p.set_defaults(func=_fetch)
+
+    p = sub.add_parser("export", help="write a trained model as a TensorFlow SavedModel (+ ONNX) to use without physis")
+    p.add_argument("--model", required=True, type=Path, help="a trained model folder: results/models/<name>")
+    p.add_argument("--out", required=True, type=Path, help="the export folder (replaced if it holds an earlier export)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (Keras classifiers)")
+    p.set_defaults(func=_export)
 
     args = parser.parse_args(argv)
     try:

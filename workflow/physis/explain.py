@@ -6,16 +6,20 @@ gradient of the class score over its positions. It works on Sequential, function
 "gradient model" from the graph, which fails for nested and subclassed models, the target
 layer's ``call`` is wrapped for one forward pass so its output is recorded and watched by the
 gradient tape. Plugins with a model Grad-CAM cannot handle (detectors, services) provide their
-own ``explain`` hook; :func:`explainer` picks the hook or this fallback.
+own ``explain`` hook; :func:`explainer` picks the hook or this fallback. :func:`overlay` draws an
+explanation on the film itself (``physis predict --overlay``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from physis.plugins import Explanation, ModelConfig, Plugin
+
+#: Predicted boxes, as in the gallery (matplotlib's orange).
+ORANGE = (255, 165, 0)
 
 
 def _layers(model) -> list:
@@ -103,3 +107,28 @@ def explainer(plugin: Plugin, cfg: ModelConfig) -> tuple[Explainer | None, str]:
         return (lambda model, image, _cfg: Explanation(heatmap=gradcam(model, image)),
                 "Grad-CAM on the last convolutional feature map")
     return None, f"none (plugin {plugin.name} has no explain hook)"
+
+
+def overlay(image: np.ndarray, explanation: Explanation | None, text: Sequence[str]) -> np.ndarray:
+    """A film as the model saw it (H×W in [0, 1], as 8-bit grey, no windowing) with its explanation drawn
+    in the gallery's colours (:func:`physis.figures.draw_film`: jet heat map where ≥ 0.1 at 40 %, orange
+    boxes with their scores) and ``text`` lines at the top left: an RGB uint8 array of the film's size, so
+    that a pixel of the overlay is a pixel of the network's input."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    rgb = np.repeat(np.round(np.clip(image, 0, 1) * 255)[..., None], 3, axis=-1)
+    if explanation is not None and explanation.heatmap is not None:
+        heat = np.asarray(explanation.heatmap, dtype=float)
+        rgb = np.where((heat >= 0.1)[..., None], 0.6 * rgb + 0.4 * 255 * colormaps["jet"](heat)[..., :3], rgb)
+    picture = Image.fromarray(np.round(rgb).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(8, min(picture.size) // 12))
+    if explanation is not None and explanation.boxes is not None:
+        for x, y, w, h, score in np.asarray(explanation.boxes, dtype=float).reshape(-1, 5):
+            draw.rectangle((x, y, x + w - 1, y + h - 1), outline=ORANGE)
+            draw.text((x, y), f"{score:.2f}", fill=ORANGE, font=font, anchor="lb")
+    lines = "\n".join(text)
+    draw.rectangle(draw.multiline_textbbox((2, 2), lines, font=font), fill="black")
+    draw.multiline_text((2, 2), lines, fill="white", font=font)
+    return np.asarray(picture)

@@ -167,6 +167,23 @@ def image_scores(boxes: list[np.ndarray]) -> np.ndarray:
     return np.array([float(b[:, 4].max()) if len(b) else 0.0 for b in boxes])
 
 
+def serving_detections(outputs: dict, scale: float = 1.0) -> dict[str, tf.Tensor]:
+    """:func:`decode_detections` and :func:`image_scores` with TF ops, for the export's signature
+    (:mod:`physis.serving`): ``boxes`` [B, N, 5] (x, y, w, h, score; fracture class only, best first,
+    zero rows after ``num_boxes``), ``num_boxes`` [B] and the film ``score`` [B] (0 without a box)."""
+    boxes = tf.cast(outputs["detection_boxes"], tf.float32)
+    scores = tf.cast(outputs["detection_scores"], tf.float32)
+    count = tf.reshape(tf.cast(outputs["num_detections"], tf.int32), [-1])
+    keep = tf.range(tf.shape(scores)[1])[None] < count[:, None]
+    keep &= (tf.cast(outputs["detection_classes"], tf.int32) == FRACTURE_ID) & (scores > 0)
+    y0, x0, y1, x1 = tf.unstack(boxes, axis=-1)
+    rows = tf.concat([tf.stack([x0, y0, x1 - x0, y1 - y0], axis=-1) / scale, scores[..., None]], axis=-1)
+    order = tf.argsort(tf.where(keep, scores, -1.0), direction="DESCENDING", stable=True)  # kept ones first
+    return {"score": tf.reduce_max(tf.where(keep, scores, 0.0), axis=1),
+            "boxes": tf.gather(tf.where(keep[..., None], rows, 0.0), order, batch_dims=1),
+            "num_boxes": tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)}
+
+
 # --------------------------------------------------------------------------- input records
 
 
@@ -618,8 +635,7 @@ class DetectorLoop:
                  optimizer_name: str, clip_norm: float, train_boxes: str, seed: int, frozen_epochs: int = 0,
                  finetune_lr_factor: float = 0.1):
         train = data.frames["train"]
-        records = write_records(train, fracture_boxes(train, data.boxes, train_boxes),
-                                Path(work_dir) / "records" / "train.tfrecord")
+        records = self.training_records(train, data.boxes, train_boxes, Path(work_dir) / "records" / "train.tfrecord")
         self.detector = detector
         self.iterator = iterate(detector.dataset(records, batch_size, seed))
         self.learning_rate = float(learning_rate)
@@ -634,6 +650,10 @@ class DetectorLoop:
         self.steps = int(steps)
         self.val = data.frames.get("val")
         self.train_sample = training_sample(data.frames["train"], seed)
+
+    def training_records(self, train: pd.DataFrame, boxes: pd.DataFrame, train_boxes: str, path: Path) -> Path:
+        """The training films' records: their fracture boxes (:func:`write_records`)."""
+        return write_records(train, fracture_boxes(train, boxes, train_boxes), path)
 
     def enter_phase(self, epoch: int) -> None:
         """Freeze or unfreeze the backbone and set the learning rate for ``epoch``; retrace the step
@@ -967,6 +987,12 @@ def detector_boxes(family: str, model, data, cfg) -> list[np.ndarray]:
     return detector._last[1]
 
 
+def detector_serving(family: str, model, cfg) -> Callable:
+    """The plugin's ``serving`` hook: a batch's film scores and boxes, as ``predict`` and ``predict_boxes``."""
+    detector = _detector(family, model, cfg)
+    return lambda images: serving_detections(detector._detect(rgb(images)))
+
+
 def explain_detector(family: str, model, image, cfg):
     from physis.plugins import Explanation
 
@@ -992,6 +1018,44 @@ def train_two_stage(model: TwoStage, data, cfg) -> None:
                       clip_norm=p["clip_norm"], seed=cfg.seed)
     run_epochs(cfg, trackables=stage2.trackables, train_epoch=stage2.train_epoch, evaluate=stage2.evaluate,
                epochs=epochs, patience=patience)
+
+
+def two_stage_serving(model: TwoStage, cfg) -> Callable:
+    """The plugin's ``serving`` hook: :meth:`TwoStage.predict` with TF ops. ShapeMask's eval graph takes
+    ``predict_batch_size`` films at a time, so the batch is padded to a multiple of it and mapped over;
+    crops around the top ``num_proposals`` proposals (the whole film without one) go through stage 2 at
+    once, and a film's score is its best crop's. ``boxes`` are the stage-1 proposals."""
+    detector, p = model.detector, model.params
+    detector.sync()
+    chunk, top_k, size = detector.predict_batch, int(p["num_proposals"]), int(p["crop_size"])
+    height, width = model.image_hw
+
+    def detect(images):
+        return serving_detections(detector._detect(images), detector.scale)
+
+    def serve(images):
+        count = tf.shape(images)[0]
+        padded = tf.pad(images, [[0, -count % chunk], [0, 0], [0, 0], [0, 0]])
+        found = tf.map_fn(detect, tf.reshape(padded, [-1, chunk, *images.shape[1:]]), fn_output_signature={
+            "score": tf.TensorSpec([chunk], tf.float32), "boxes": tf.TensorSpec([chunk, None, 5], tf.float32),
+            "num_boxes": tf.TensorSpec([chunk], tf.int32)})
+        boxes = tf.reshape(found["boxes"], [-1, tf.shape(found["boxes"])[2], 5])[:count]
+        num = tf.reshape(found["num_boxes"], [-1])[:count]
+        top = boxes[:, :top_k]
+        slots = tf.range(tf.shape(top)[1])[None]
+        whole = (num[:, None] == 0) & (slots == 0)  # no proposal: the first slot is the whole film
+        x, y, w, h = tf.unstack(top[..., :4], axis=-1)
+        side = tf.maximum(tf.maximum(w, h) * float(p["crop_context"]), float(p["crop_min_size"]))  # crop_windows
+        cx, cy = x + w / 2, y + h / 2
+        windows = tf.stack([(cy - side / 2) / height, (cx - side / 2) / width,
+                            (cy + side / 2) / height, (cx + side / 2) / width], axis=-1)
+        windows = tf.where(whole[..., None], tf.constant(WHOLE_FILM[0]), windows)
+        crops = tf.image.crop_and_resize(images, tf.reshape(windows, [-1, 4]),
+                                         tf.repeat(tf.range(count), tf.shape(top)[1]), [size, size])
+        crop_scores = tf.reshape(model.classifier(crops, training=False), [count, -1])
+        valid = (slots < num[:, None]) | whole
+        return {"score": tf.reduce_max(tf.where(valid, crop_scores, -1.0), axis=1), "boxes": boxes, "num_boxes": num}
+    return serve
 
 
 def explain_two_stage(model: TwoStage, image, cfg):

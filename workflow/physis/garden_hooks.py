@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def detector_hooks(family: str) -> tuple:
-    """``build, train, predict, predict_boxes, explain`` of the ``family`` detector (faster_rcnn,
+    """``build, train, predict, predict_boxes, explain, serving`` of the ``family`` detector (faster_rcnn,
     retinanet). A film's score is its highest fracture-box score, 0 without a box."""
 
     def build(cfg):
@@ -36,4 +36,9 @@ def detector_hooks(family: str) -> tuple:
 
         return garden.explain_detector(family, model, image, cfg)
 
-    return build, train, predict, predict_boxes, explain
+    def serving(model, cfg):
+        from physis import garden
+
+        return garden.detector_serving(family, model, cfg)
+
+    return build, train, predict, predict_boxes, explain, serving

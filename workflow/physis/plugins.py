@@ -20,6 +20,12 @@ Optional hooks:
     cloud service without credentials); the workflow then schedules no job for it.
 ``save(model, folder)`` / ``load(folder, cfg)``: only for framework ``service``, whose "model"
     is a handle to remote state; Keras and tf_keras models are saved by the framework.
+``serving(model, cfg) -> callable``: for ``physis export`` (:mod:`physis.serving`): a function of a
+    float32 [B, H, W, C] batch in [0, 1] (what ``predict`` gets), written with TF ops (it is traced into
+    the exported SavedModel), returning ``{"score": [B]}`` equal to ``predict``'s scores, and for
+    detectors ``"boxes"`` [B, N, 5] (``predict_boxes``' rows, best first, zero-padded) and
+    ``"num_boxes"`` [B]. Without it a classifier is exported as its model's output column 0 (what
+    ``predict_classifier`` returns); detectors and two-stage models need one. Services cannot export.
 Everything else (save/load, resume, early stopping, class weights) is the framework's job.
 
 Snakemake imports every plugin file each time it parses the workflow, where only Snakemake may be

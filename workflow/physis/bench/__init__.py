@@ -5,4 +5,4 @@ Each module in this package defines ``run(out_dir: Path, quick: bool) -> pandas.
 :data:`MODULES`; ``python -m physis.bench`` runs them all and writes ``results/bench/*.csv``.
 """
 
-MODULES: list[str] = ["preprocess", "train", "garden"]
+MODULES: list[str] = ["preprocess", "train", "garden", "predict"]
